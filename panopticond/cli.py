@@ -1,0 +1,365 @@
+"""`panopticon` commands and the `panopticond` entry point.
+
+Our own output goes to stderr; in `run`, stdout belongs to the agent alone. Operator
+errors are `PanopticonError`s, printed once with their hint and mapped to exit codes;
+a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import ExitStatus, PanopticonError
+
+DEFAULT_CONFIG = "/etc/panopticon/config.toml"
+log = logging.getLogger("panopticon")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("panopticon: %(message)s"))
+    root = logging.getLogger("panopticon")
+    root.handlers[:] = [h]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise PanopticonError("this command needs root",
+                              hint="run it with sudo", status=ExitStatus.NOPERM)
+
+
+def _load_config(path: str | None, *, required: bool):
+    from . import config
+
+    p = path or DEFAULT_CONFIG
+    if path is None and not os.path.exists(p) and not required:
+        # `run` works without a config file: [defaults] only, nothing allowed but --allow.
+        return config.loads("", path="<no config file>")
+    return config.load(p)
+
+
+# -- run --------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import agent as agentmod
+    from . import config
+    from .instance import Instance, ProxyUser
+
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    cfg = _load_config(args.config, required=False)
+    ag = config.agent_config(cfg, args.agent, allow=tuple(args.allow), deny=tuple(args.deny),
+                             user=args.user)
+    if not cmd:
+        cmd = list(ag.command)
+    if not cmd:
+        raise PanopticonError("no command to run", hint="panopticon run [OPTIONS] -- CMD ARGS...",
+                              status=ExitStatus.USAGE)
+    _require_root()
+    if args.agent is None:
+        # Ad-hoc runs get a name of their own, so that several can run at once.
+        ag = _replace_name(ag, f"run-{os.getpid()}")
+    pu = ProxyUser.lookup(cfg.proxy.user)
+    user = agentmod.resolve_user(ag.user, os.environ, proxy_uid=pu.uid, proxy_gid=pu.gid)
+    extra_env = _parse_env(args.env)
+    inst = Instance(cfg, ag, log_path=args.log, allow_hint=config.allow_hint(cfg, ag))
+    try:
+        inst.start()
+        log.info("jail %s ready in %.0f ms; agent runs as %s", inst.names.netns,
+                 sum(inst.timings.values()) * 1000, user.name)
+        if inst.ca_info:
+            log.info("CA SHA-256 fingerprint: %s", inst.ca_info.fingerprint)
+        rc = inst.run_agent(cmd, user, extra_env)
+    finally:
+        inst.stop()
+    _print_summary(inst.summary(), args.agent)
+    return rc
+
+
+def _replace_name(ag, name: str):
+    import dataclasses
+
+    return dataclasses.replace(ag, name=name)
+
+
+def _parse_env(items: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep:
+            if k not in os.environ:
+                raise PanopticonError(f"--env {k}: not set in the environment",
+                                      hint="use --env NAME=VALUE", status=ExitStatus.USAGE)
+            v = os.environ[k]
+        env[k] = v
+    return env
+
+
+def _print_summary(s: dict, agent: str | None) -> None:
+    hosts = s["blocked_hosts"]
+    line = f"panopticon: {s['allowed']} allowed, {s['blocked']} blocked"
+    if hosts:
+        top = sorted(hosts, key=lambda h: -hosts[h])
+        line += " (" + ", ".join(top[:5]) + (", ..." if len(top) > 5 else "") + ")"
+        flags = " ".join(f"--allow {h}" for h in top[:5])
+        line += f"; to allow: {flags}"
+    print(line, file=sys.stderr)
+
+
+# -- check ------------------------------------------------------------------------
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import config
+
+    cfg = _load_config(args.config, required=True)
+    names = [args.agent] if args.agent else sorted(cfg.agents)
+    agents = [config.agent_config(cfg, n) for n in names]
+    doc: dict = {"config": cfg.path, "agents": {}}
+    for ag in agents:
+        entry: dict = {
+            "command": list(ag.command), "user": ag.user,
+            "allow": list(ag.allow), "deny": list(ag.deny),
+            "ca": ag.ca.mode if ag.ca.mode != "custom" else {"cert": ag.ca.cert, "key": ag.ca.key},
+        }
+        if args.plan:
+            entry["plan"] = _plan(cfg, ag)
+        doc["agents"][ag.name] = entry
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{cfg.path}: OK, {len(cfg.agents)} agent(s)")
+    for name, e in doc["agents"].items():
+        print(f"\n[agents.{name}]")
+        print(f"  command: {' '.join(e['command']) or '(none)'}")
+        print(f"  user:    {e['user'] or '(the sudo caller)'}")
+        print(f"  allow:   {', '.join(e['allow']) or '(nothing)'}")
+        print(f"  deny:    {', '.join(e['deny']) or '(nothing)'}")
+        print(f"  ca:      {e['ca']}")
+        if args.plan:
+            p = e["plan"]
+            print(f"  netns {p['netns']}, veth {p['veth_host']} <-> {p['veth_jail']}")
+            for k in ("v4", "v6"):
+                if p.get(k):
+                    print(f"  {k}: host {p[k]['host']}, jail {p[k]['jail']} ({p[k]['subnet']})")
+            print(f"  upstream DNS: {', '.join(p['dns_servers'])}")
+            print("  proxy options:")
+            for k, v in p["proxy"]["mitmproxy"].items():
+                print(f"    {k} = {v}")
+            for where in ("jail", "host"):
+                for rs in p["rules"][where]:
+                    print(f"  rules ({where}, IPv{rs['family']}):")
+                    for line in rs["lines"]:
+                        print(f"    {line}")
+    return 0
+
+
+def _plan(cfg, ag) -> dict:
+    """What a start would do, computed without touching anything."""
+    from . import netns, plan, rules
+    from .instance import Instance, ProxyUser
+
+    inst = Instance.__new__(Instance)
+    inst.cfg, inst.agent, inst.names = cfg, ag, plan.Names.of(ag.name)
+    try:
+        inst.proxy_user = ProxyUser.lookup(cfg.proxy.user)
+    except PanopticonError:
+        inst.proxy_user = ProxyUser(cfg.proxy.user, 999, 999)  # shown as a placeholder
+    inst.ipv6 = cfg.network.ipv6
+    try:
+        used = netns.host_networks()
+    except Exception:
+        used = []
+    inst.addressing = plan.choose_addressing(
+        inst.names.tag, cfg.network.ipv4_pool,
+        cfg.network.ipv6_pool if cfg.network.ipv6 else None, used)
+    try:
+        dns = Instance.dns_servers(inst)
+    except PanopticonError as e:
+        dns = [f"(error: {e})"]
+    good_dns = [d for d in dns if not d.startswith("(")]
+    jail, host = Instance.rulesets(inst, good_dns)
+    from . import ca
+    from .proxy import ProxySpec
+
+    spec = ProxySpec(
+        names=inst.names, uid=inst.proxy_user.uid, gid=inst.proxy_user.gid,
+        confdir=ca.confdir_for(inst.names, ag.ca), policy_path=f"{inst.names.run_dir}/policy.json",
+        log_path=f"{inst.names.log_dir}/requests.jsonl", dns_servers=tuple(good_dns),
+        ipv6=cfg.network.ipv6, upstream_ca=cfg.network.upstream_ca or None,
+    )
+    a = inst.addressing
+    out = {
+        "netns": inst.names.netns, "veth_host": inst.names.veth_host,
+        "veth_jail": inst.names.veth_jail,
+        "v4": {"subnet": str(a.v4_subnet), "host": str(a.v4_host), "jail": str(a.v4_jail)},
+        "v6": ({"subnet": str(a.v6_subnet), "host": str(a.v6_host), "jail": str(a.v6_jail)}
+               if a.v6_subnet else None),
+        "dns_servers": dns,
+        "proxy_user": inst.proxy_user.name,
+        "proxy": spec.options(),
+        "ca_mode": ag.ca.mode,
+        "rules": {
+            "jail": [{"family": rs.family, "lines": rs.describe()} for rs in jail],
+            "host": [{"family": rs.family, "lines": rs.describe()} for rs in host],
+        },
+    }
+    del rules
+    return out
+
+
+# -- cleanup ------------------------------------------------------------------------
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from .instance import cleanup
+
+    _require_root()
+    for name in args.names:
+        removed = cleanup(name, force=args.force)
+        if removed:
+            print(f"panopticon: {name}: removed {', '.join(removed)}", file=sys.stderr)
+        elif args.verbose:
+            print(f"panopticon: {name}: nothing to remove", file=sys.stderr)
+    return 0
+
+
+# -- policy test --------------------------------------------------------------------
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from . import config
+    from .policy import Policy
+
+    cfg = _load_config(args.config, required=args.config is not None)
+    ag = config.agent_config(cfg, args.agent)
+    if len(args.target) == 2:
+        method, url = args.target
+    elif len(args.target) == 1:
+        method, url = "GET", args.target[0]
+    else:
+        raise PanopticonError("usage: panopticon policy test [METHOD] URL", status=ExitStatus.USAGE)
+    if "://" not in url:
+        url = "https://" + url
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise PanopticonError(f"no host in {url!r}", status=ExitStatus.USAGE)
+    pol = Policy.build(ag.name, ag.allow, ag.deny)
+    d = pol.decide(parts.hostname)
+    verdict = "ALLOW" if d.allowed else "DENY"
+    rule = d.rule or "(default deny)"
+    print(f"{verdict} {method.upper()} {url}\n  rule: {rule}\n  why:  {d.reason}")
+    return 0 if d.allowed else 1
+
+
+# -- demo -------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    _require_root()
+    return demo.main(verbose=args.verbose)
+
+
+# -- parser -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="panopticon",
+        description="Jail the network of an AI agent behind a policy-enforcing proxy.",
+    )
+    p.add_argument("--version", action="version", version=f"panopticon {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def common(sp, config=True):
+        if config:
+            sp.add_argument("--config", metavar="FILE",
+                            help=f"config file (default {DEFAULT_CONFIG})")
+        sp.add_argument("-v", "--verbose", action="count", default=0)
+
+    r = sub.add_parser("run", help="run a command in a fresh jail",
+                       usage="panopticon run [OPTIONS] -- CMD [ARGS...]")
+    common(r)
+    r.add_argument("--agent", metavar="NAME", help="use [agents.NAME] of the config")
+    r.add_argument("--allow", action="append", default=[], metavar="HOST",
+                   help="also allow HOST (exact, or *.domain for it and its subdomains)")
+    r.add_argument("--deny", action="append", default=[], metavar="HOST")
+    r.add_argument("--user", metavar="USER", help="run CMD as USER (default: the sudo caller)")
+    r.add_argument("--log", metavar="FILE", help="request log (JSON lines)")
+    r.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="pass a variable to CMD")
+    r.add_argument("command", nargs=argparse.REMAINDER)
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("check", help="validate the config and print the effective policy")
+    common(c)
+    c.add_argument("--agent", metavar="NAME")
+    c.add_argument("--plan", action="store_true",
+                   help="also show what a start would do (addresses, rules, proxy options)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_check)
+
+    cl = sub.add_parser("cleanup", help="remove what a killed run left behind")
+    common(cl, config=False)
+    cl.add_argument("--force", action="store_true", help="even if its owner still runs")
+    cl.add_argument("names", nargs="+", metavar="NAME")
+    cl.set_defaults(func=cmd_cleanup)
+
+    po = sub.add_parser("policy", help="policy tools")
+    posub = po.add_subparsers(dest="policy_cmd", required=True, metavar="COMMAND")
+    pt = posub.add_parser("test", help="would this request be allowed? (no root, no jail)")
+    common(pt)
+    pt.add_argument("--agent", metavar="NAME")
+    pt.add_argument("target", nargs="+", metavar="[METHOD] URL")
+    pt.set_defaults(func=cmd_policy_test)
+
+    d = sub.add_parser("demo", help="the jail against a built-in simulated internet")
+    common(d, config=False)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0))
+    try:
+        return int(args.func(args) or 0)
+    except PanopticonError as e:
+        if args.debug:
+            raise
+        print(f"panopticon: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"panopticon: hint: {e.hint}", file=sys.stderr)
+        return int(e.status)
+    except KeyboardInterrupt:
+        return int(ExitStatus.INTERRUPTED)
+
+
+def daemon_main(argv: Sequence[str] | None = None) -> int:
+    """`panopticond NAME`: the jail of [agents.NAME], in the foreground, until its agent ends.
+
+    The systemd form (notify, health, reload, supervision) builds on this.
+    """
+    p = argparse.ArgumentParser(prog="panopticond")
+    p.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG)
+    p.add_argument("-v", "--verbose", action="count", default=1)
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("name")
+    a = p.parse_args(argv)
+    return main(["--debug"] * a.debug + ["run"] + ["-v"] * a.verbose
+                + ["--config", a.config, "--agent", a.name])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The instance's network namespace, veth pair, addresses, routes and sysctls (pyroute2).
+
+    host namespace                              instance namespace (panopticon-NAME)
+    ┌──────────────────────────┐                ┌─────────────────────────────────────┐
+    │ uplink ── forward/masq ──┤ pnhTAG ══ veth ══ pnjTAG  10.231.x.2/29, fd7a:...::2 │
+    │ 10.231.x.1/29, ...::1    │                │ lo: mitmdump 127.0.0.1/::1 :15001   │
+    └──────────────────────────┘                │     dns 127.0.0.1/::1 :15053        │
+                                                │ agent (own uid, no caps)            │
+                                                └─────────────────────────────────────┘
+
+Everything here has an idempotent undo (`delete`). The namespace is created with no
+interface but `lo`; the caller installs the DROP rules before `connect()` gives it a route.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import os
+import time
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import PanopticonError
+from .plan import Addressing, Names
+
+NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+IFA_F_NODAD = 0x02
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def netns_path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(netns_path(name))
+
+
+def enter(name: str) -> None:
+    """Move the calling process (or a child in preexec) into an existing netns; never creates one."""
+    fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"setns({name}): {os.strerror(e)}")
+    finally:
+        os.close(fd)
+
+
+def host_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Every network that a route or an address of this namespace covers.
+
+    Default routes are skipped (they cover everything); a subnet from the pool must
+    only avoid what is routed more specifically than that.
+    """
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    with IPRoute() as ipr:
+        for fam in (2, 10):
+            for r in ipr.get_routes(family=fam, table=254) + ipr.get_routes(family=fam, table=255):
+                dst = r.get_attr("RTA_DST")
+                if dst is None or r["dst_len"] == 0:
+                    continue
+                nets.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False))
+            for a in ipr.get_addr(family=fam):
+                addr = a.get_attr("IFA_ADDRESS")
+                if addr:
+                    nets.append(ipaddress.ip_network(f"{addr}/{a['prefixlen']}", strict=False))
+    return nets
+
+
+def create(names: Names) -> None:
+    """Create the namespace with only `lo` up. Fails if it exists (clean up first)."""
+    if exists(names.netns):
+        raise PanopticonError(
+            f"network namespace {names.netns} already exists",
+            hint=f"run 'panopticon cleanup {names.instance}'",
+        )
+    try:
+        pr_netns.create(names.netns)
+    except OSError as e:
+        raise PanopticonError(f"cannot create network namespace {names.netns}: {e}") from e
+    with IPRoute(netns=names.netns, flags=0) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def connect(names: Names, addr: Addressing) -> None:
+    """veth pair, addresses and routes, both ends; forwarding on the host side.
+
+    Must run in the host namespace. IPv6 addresses are added with IFA_F_NODAD: with
+    duplicate address detection they stay unusable for 1-2 s.
+    """
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=names.veth_host, kind="veth", peer={"ifname": names.veth_jail})
+        host_idx = ipr.link_lookup(ifname=names.veth_host)[0]
+        jail_idx = ipr.link_lookup(ifname=names.veth_jail)[0]
+        if addr.v6_subnet is None:
+            # No IPv6 for the agent: not even a link-local address on its side.
+            pass
+        ipr.link("set", index=jail_idx, net_ns_fd=names.netns)
+        ipr.addr("add", index=host_idx, address=str(addr.v4_host), prefixlen=addr.v4_subnet.prefixlen)
+        if addr.v6_subnet is not None:
+            ipr.addr(
+                "add", index=host_idx, address=str(addr.v6_host),
+                prefixlen=addr.v6_subnet.prefixlen, flags=IFA_F_NODAD,
+            )
+        ipr.link("set", index=host_idx, state="up")
+    # Forwarding is a namespace-wide switch on the host side; the per-instance FORWARD
+    # chain decides what actually passes.
+    _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+    if addr.v6_subnet is not None:
+        _write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+
+    with IPRoute(netns=names.netns, flags=0) as ipr:
+        idx = ipr.link_lookup(ifname=names.veth_jail)[0]
+        if addr.v6_subnet is None:
+            _in_netns_sysctl(names, "net/ipv6/conf/all/disable_ipv6", "1")
+            _in_netns_sysctl(names, "net/ipv6/conf/default/disable_ipv6", "1")
+        ipr.addr("add", index=idx, address=str(addr.v4_jail), prefixlen=addr.v4_subnet.prefixlen)
+        if addr.v6_subnet is not None:
+            ipr.addr(
+                "add", index=idx, address=str(addr.v6_jail),
+                prefixlen=addr.v6_subnet.prefixlen, flags=IFA_F_NODAD,
+            )
+        ipr.link("set", index=idx, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(addr.v4_host))
+        if addr.v6_subnet is not None:
+            ipr.route("add", dst="::/0", gateway=str(addr.v6_host), family=10)
+
+
+def _in_netns_sysctl(names: Names, key: str, value: str) -> None:
+    # /proc/sys/net shows the namespace of the process that opens it, so write it from a
+    # short child that entered the instance namespace.
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            enter(names.netns)
+            _write_sysctl(f"/proc/sys/{key}", value)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise PanopticonError(f"cannot set sysctl {key} in {names.netns}")
+
+
+def pids_in(name: str) -> list[int]:
+    """Processes whose network namespace is `name` (for cleanup of a killed run)."""
+    try:
+        st = os.stat(netns_path(name))
+    except FileNotFoundError:
+        return []
+    pids = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            s = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+            pids.append(int(entry))
+    return pids
+
+
+def delete(names: Names) -> None:
+    """Idempotent: delete the host-side veth, then the namespace.
+
+    Namespace deletion is asynchronous in the kernel; deleting the veth explicitly makes
+    its end (and routes through it) disappear at once.
+    """
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=names.veth_host)
+        if idx:
+            try:
+                ipr.link("del", index=idx[0])
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:
+                    raise
+    if exists(names.netns):
+        try:
+            pr_netns.remove(names.netns)
+        except FileNotFoundError:
+            pass
+
+
+def wait_gone(names: Names, timeout: float = 2.0) -> bool:
+    """True once nothing of `names` is visible (used by tests and cleanup)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with IPRoute() as ipr:
+            if not ipr.link_lookup(ifname=names.veth_host) and not exists(names.netns):
+                return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,170 @@
+"""The proxy process: its options, privilege drop, readiness and stop.
+
+mitmproxy runs inside the instance namespace as the proxy user, listening on loopback
+only (transparent :15001, DNS :15053, on 127.0.0.1 and ::1), and connects upstream only
+after our addons decided (`connection_strategy=lazy`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from . import privs
+from .errors import PanopticonError
+from .plan import DNS_PORT, TRANSPARENT_PORT, Names
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxySpec:
+    names: Names
+    uid: int
+    gid: int
+    confdir: str
+    policy_path: str
+    log_path: str
+    dns_servers: tuple[str, ...]
+    ipv6: bool
+    upstream_ca: str | None  # a bundle path, or None for mitmproxy's default
+
+    def options(self) -> dict:
+        """Everything handed to the proxy, as data (also shown by `check --plan`)."""
+        modes = [
+            f"transparent@127.0.0.1:{TRANSPARENT_PORT}",
+            f"dns@127.0.0.1:{DNS_PORT}",
+        ]
+        if self.ipv6:
+            modes += [f"transparent@::1:{TRANSPARENT_PORT}", f"dns@::1:{DNS_PORT}"]
+        mitm = {
+            "mode": modes,
+            "confdir": self.confdir,
+            # Nothing is dialled before a decision: with "eager", the agent's SNI would
+            # reach the chosen address before any hook ran.
+            "connection_strategy": "lazy",
+            # Without it a large download is buffered whole (and the memory kept).
+            "stream_large_bodies": "1m",
+            "dns_name_servers": list(self.dns_servers),
+            # /etc/hosts of the host could map names to internal addresses.
+            "dns_use_hosts_file": False,
+            # Non-HTTP bytes on 80/443 must never become a raw relay.
+            "rawtcp": False,
+            "flow_detail": 0,
+            "termlog_verbosity": "warn",
+        }
+        if self.upstream_ca:
+            mitm["ssl_verify_upstream_trusted_ca"] = self.upstream_ca
+        return {
+            "mitmproxy": mitm,
+            "panopticon": {
+                "panopticon_policy": self.policy_path,
+                "panopticon_log": self.log_path,
+                "panopticon_instance": self.names.instance,
+            },
+        }
+
+
+class Proxy:
+    def __init__(self, spec: ProxySpec):
+        self.spec = spec
+        self.proc: subprocess.Popen | None = None
+        self._ready_r = -1
+        self.stderr_path = os.path.join(spec.names.run_dir, "proxy.log")
+
+    def start(self) -> None:
+        """Launch; returns at once (start-up takes ~0.7 s: overlap it with other work)."""
+        names = self.spec.names
+        opts_path = os.path.join(names.run_dir, "proxy.json")
+        fd = os.open(opts_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.spec.options(), f, indent=1)
+        os.chown(opts_path, 0, self.spec.gid)
+        r, w = os.pipe()
+        self._ready_r = r
+        err = open(self.stderr_path, "ab")
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": self.spec.confdir,
+            "LANG": "C.UTF-8",
+        }
+        uid, gid = self.spec.uid, self.spec.gid
+        netns = names.netns
+
+        def preexec() -> None:  # pragma: no cover - runs in the child
+            privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True)
+
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "panopticond.proxy_main", opts_path, str(w)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                pass_fds=(w,),
+                env=env,
+                cwd="/",
+                preexec_fn=preexec,
+            )
+        finally:
+            os.close(w)
+            err.close()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PanopticonError(
+                    f"the proxy did not become ready within {timeout:.0f} s",
+                    hint=f"see {self.stderr_path}",
+                )
+            ready, _, _ = select.select([self._ready_r], [], [], left)
+            if ready:
+                chunk = os.read(self._ready_r, 64)
+                if not chunk:
+                    break
+                buf += chunk
+        os.close(self._ready_r)
+        self._ready_r = -1
+        if not buf.startswith(b"ready"):
+            assert self.proc
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+            raise PanopticonError(
+                f"the proxy failed to start (exit status {self.proc.returncode}): "
+                f"{self.tail()}",
+                hint=f"the whole output is in {self.stderr_path}",
+            )
+
+    def tail(self, n: int = 5) -> str:
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                lines = [ln.rstrip() for ln in f.readlines() if ln.strip()]
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Idempotent."""
+        if self._ready_r >= 0:
+            os.close(self._ready_r)
+            self._ready_r = -1
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -1,0 +1,53 @@
+"""Fixtures shared by the integration tests: root, real namespaces, the lab.
+
+Every test in this directory runs as root against the lab (`panopticond.lab`), a
+simulated internet in network namespaces; without root they are all skipped. One lab
+serves the whole session: tests tell their own traffic apart with `mark` and
+`lab.events(since=mark)`, and any test that needs a different topology builds its own
+`Lab.create()` in a `with` block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from panopticond.lab import Lab, cleanup_stale
+
+_LAB_TIMINGS = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("integration tests need root: they build real network namespaces")
+
+
+@pytest.fixture(scope="session")
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """The session's lab; what a killed earlier run left is removed first."""
+    cleanup_stale()
+    the_lab = Lab.create()
+    request.config.stash[_LAB_TIMINGS] = the_lab.timings
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+@pytest.fixture
+def mark(lab: Lab) -> int:
+    """The lab's event log position when the test starts: `lab.events(since=mark)`."""
+    return lab.mark()
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    timings = config.stash.get(_LAB_TIMINGS, None)
+    if timings:
+        terminalreporter.write_line(
+            "lab: created in {:.2f}s, closed in {:.2f}s".format(
+                timings.get("create", float("nan")), timings.get("close", float("nan"))
+            )
+        )

@@ -85,6 +85,17 @@ def resolve_user(
             hint="pass --user with an unprivileged user",
             status=ExitStatus.NOPERM,
         )
+    try:
+        primary = grp.getgrgid(gid).gr_name
+    except KeyError:
+        primary = ""
+    if primary in DANGEROUS_GROUPS:
+        raise PanopticonError(
+            f"refusing to run the agent with primary group {primary!r}",
+            hint="that group leads around the jail; pass --user, or call sudo from a shell "
+            "whose primary group is your own",
+            status=ExitStatus.NOPERM,
+        )
     if pw.pw_uid == proxy_uid or gid == proxy_gid:
         raise PanopticonError(
             f"the agent user {pw.pw_name} is the proxy user (or in its group)",

@@ -90,7 +90,7 @@ def _read_custom(spec: CASpec) -> bytes:
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         key = serialization.load_pem_private_key(key_pem, password=None)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: the key is encrypted
         raise PanopticonError(
             f"the custom CA is not a PEM certificate and unencrypted PEM key ({e})",
             hint="check ca = { cert = ..., key = ... } in the config",

@@ -180,8 +180,8 @@ def _plan(cfg, ag) -> dict:
     except Exception:
         used = []
     inst.addressing = plan.choose_addressing(
-        inst.names.tag, cfg.network.ipv4_pool,
-        cfg.network.ipv6_pool if cfg.network.ipv6 else None, used)
+        inst.names.tag, str(cfg.network.ipv4_pool),
+        str(cfg.network.ipv6_pool) if cfg.network.ipv6 else None, used)
     try:
         dns = Instance.dns_servers(inst)
     except PanopticonError as e:
@@ -250,7 +250,11 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         raise PanopticonError("usage: panopticon policy test [METHOD] URL", status=ExitStatus.USAGE)
     if "://" not in url:
         url = "https://" + url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise PanopticonError(f"not a URL: {url!r} ({e})", status=ExitStatus.USAGE) from None
     if not parts.hostname:
         raise PanopticonError(f"no host in {url!r}", status=ExitStatus.USAGE)
     pol = Policy.build(ag.name, ag.allow, ag.deny)
@@ -272,8 +276,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser -------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on wrong usage; ours is 64 (EX_USAGE), 2 meaning an error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitStatus.USAGE), f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="panopticon",
         description="Jail the network of an AI agent behind a policy-enforcing proxy.",
     )

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from .errors import PanopticonError
 
-INSTANCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+INSTANCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 # Inside the instance namespace, so fixed values never collide between instances.
 TRANSPARENT_PORT = 15001
@@ -44,7 +44,7 @@ class Names:
 
     @classmethod
     def of(cls, instance: str) -> Names:
-        if not INSTANCE_NAME.match(instance):
+        if not INSTANCE_NAME.fullmatch(instance):
             raise PanopticonError(
                 f"invalid instance name {instance!r}",
                 hint="use 1-32 characters: lower-case letters, digits, '-' and '_'",

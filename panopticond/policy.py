@@ -17,6 +17,8 @@ import ipaddress
 import re
 from typing import Any
 
+import idna
+
 POLICY_VERSION = 1
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
@@ -34,7 +36,14 @@ def canonical_host(host: str) -> str:
         end = h.find("]")
         if end < 0:
             raise ValueError(f"unbalanced bracket in {host!r}")
+        rest = h[end + 1 :]
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            raise ValueError(f"junk after the bracketed address in {host!r}")
         h = h[1:end]
+        try:
+            return str(ipaddress.IPv6Address(h))
+        except ValueError:
+            raise ValueError(f"only an IPv6 address may stand in brackets: {host!r}") from None
     elif h.count(":") == 1:
         h, _, port = h.partition(":")
         if not port.isdigit():
@@ -45,8 +54,10 @@ def canonical_host(host: str) -> str:
         pass
     h = h.rstrip(".") if h.endswith(".") and not h.endswith("..") else h
     try:
-        h = h.encode("idna").decode("ascii")
-    except UnicodeError as e:
+        # IDNA 2008 with UTS 46 mapping, as browsers do: Python's own "idna" codec is
+        # IDNA 2003, which maps "ß" to "ss" and so names another domain.
+        h = idna.encode(h, uts46=True).decode("ascii") if not h.isascii() else h
+    except idna.IDNAError as e:
         raise ValueError(f"{host!r} is not a valid host name ({e})") from None
     h = h.lower()
     if len(h) > 253:
@@ -85,7 +96,8 @@ class HostPattern:
         """`host` must already be canonical."""
         if host == self.base:
             return True
-        return self.wildcard and host.endswith("." + self.base)
+        # "*.113.7" must not match the address 203.0.113.7.
+        return self.wildcard and host.endswith("." + self.base) and not _is_ip(host)
 
     def __str__(self) -> str:
         return ("*." if self.wildcard else "") + self.base
@@ -158,7 +170,8 @@ class Policy:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
         """Strict: anything unexpected raises ValueError (the proxy then denies everything)."""
-        if not isinstance(d, dict) or d.get("version") != POLICY_VERSION:
+        if not isinstance(d, dict) or type(d.get("version")) is not int \
+                or d["version"] != POLICY_VERSION:
             raise ValueError("not a panopticon policy of a known version")
         unknown = set(d) - {"version", "instance", "allow", "deny", "allow_hint"}
         if unknown:
@@ -166,6 +179,9 @@ class Policy:
         for k in ("allow", "deny"):
             if not isinstance(d.get(k), list) or not all(isinstance(x, str) for x in d[k]):
                 raise ValueError(f"policy {k!r} must be a list of strings")
-        if not isinstance(d.get("instance"), str):
-            raise ValueError("policy 'instance' must be a string")
-        return cls.build(d["instance"], d["allow"], d["deny"], str(d.get("allow_hint", "")))
+        for k in ("instance", "allow_hint"):
+            if not isinstance(d.get(k, ""), str):
+                raise ValueError(f"policy {k!r} must be a string")
+        if "instance" not in d:
+            raise ValueError("policy 'instance' is missing")
+        return cls.build(d["instance"], d["allow"], d["deny"], d.get("allow_hint", ""))

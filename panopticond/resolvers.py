@@ -29,13 +29,19 @@ def parse(text: str) -> list[str]:
 
 
 def _usable(servers: list[str]) -> list[str]:
-    return [s for s in servers if not ipaddress.ip_address(s).is_loopback]
+    """What the proxy can reach from inside the jail (the rule config.py applies too)."""
+    out = []
+    for s in servers:
+        a = ipaddress.ip_address(s)
+        if not (a.is_loopback or a.is_link_local or a.is_unspecified or a.is_multicast):
+            out.append(s)
+    return out
 
 
 def host_resolvers(paths: tuple[str, ...] = (RESOLV_CONF, RESOLVED_UPSTREAM)) -> list[str]:
     for path in paths:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 servers = _usable(parse(f.read()))
         except OSError:
             continue

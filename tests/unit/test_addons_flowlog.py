@@ -1,0 +1,234 @@
+import json
+import logging
+import os
+import re
+import stat
+
+import pytest
+from mitmproxy import dns, http
+from mitmproxy.test import taddons, tflow, tutils
+
+from panopticond.addons import verdict
+from panopticond.addons.flowlog import FlowLog
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def log_path(tmp_path):
+    return tmp_path / "requests.jsonl"
+
+
+@pytest.fixture
+def flowlog(log_path, clock):
+    old = os.umask(0o022)
+    fl = FlowLog(clock=clock)
+    try:
+        with taddons.context(fl) as tctx:
+            tctx.configure(fl, panopticon_log=str(log_path), panopticon_instance="openclaw")
+            yield fl
+    finally:
+        os.umask(old)
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def http_flow(host="api.example", path=b"/v1/items?token=s3cret", *, allowed=True):
+    """An HTTPS flow with its response, as FlowLog sees it at the end."""
+    f = tflow.tflow(
+        req=tutils.treq(host="198.51.100.7", port=443, scheme=b"https", path=path,
+                        headers=http.Headers(host=host), content=b"abc",
+                        timestamp_start=1700000000.123, timestamp_end=1700000000.2),
+        resp=tutils.tresp(content=b"hello world", timestamp_start=1700000000.3,
+                          timestamp_end=1700000000.5),
+    )
+    f.client_conn.peername = ("10.200.0.2", 40000)
+    verdict.record(f, allowed=allowed, reason="allowed by api.example" if allowed else "nope",
+                   host=host, by="enforce", rule="api.example" if allowed else None)
+    return f
+
+
+def test_line_fields(flowlog, log_path):
+    flowlog.response(http_flow())
+    (rec,) = lines(log_path)
+    assert rec == {
+        "time": "2023-11-14T22:13:20.123Z",
+        "kind": "http",
+        "instance": "openclaw",
+        "client": "10.200.0.2:40000",
+        "host": "api.example",
+        "decision": "allow",
+        "reason": "allowed by api.example",
+        "rule": "api.example",
+        "method": "GET",
+        "scheme": "https",
+        "port": 443,
+        "path": "/v1/items",
+        "status": 200,
+        "bytes_out": 3,
+        "bytes_in": 11,
+        "error": None,
+        "duration_ms": 377,
+    }
+    assert "s3cret" not in log_path.read_text()
+
+
+def test_file_mode_is_0640(flowlog, log_path):
+    flowlog.response(http_flow())
+    assert stat.S_IMODE(os.stat(log_path).st_mode) == 0o640
+
+
+def test_one_line_per_flow(flowlog, log_path):
+    f = http_flow()
+    flowlog.response(f)
+    f.error = tflow.terr()
+    flowlog.error(f)
+    flowlog.response(f)
+    assert len(lines(log_path)) == 1
+
+
+def test_killed_flow_is_logged_once_with_its_error(flowlog, log_path):
+    f = http_flow(allowed=False)
+    f.response = None
+    f.kill()
+    flowlog.error(f)
+    (rec,) = lines(log_path)
+    assert rec["decision"] == "deny" and rec["status"] is None
+    assert rec["error"] == "Connection killed."
+
+
+def test_killed_connect_is_logged(flowlog, log_path):
+    f = http_flow(allowed=False)
+    f.response = None
+    flowlog.http_connect(f)  # not killed: nothing yet
+    f.kill()
+    flowlog.http_connect(f)
+    assert len(lines(log_path)) == 1
+
+
+def test_newline_in_host_cannot_forge_a_line(flowlog, log_path):
+    evil = 'x.example\n{"decision": "allow", "host": "forged"}'
+    flowlog.response(http_flow(host=evil, allowed=False))
+    raw = log_path.read_text()
+    assert raw.count("\n") == 1
+    (rec,) = lines(log_path)
+    assert rec["host"] == evil
+
+
+def test_dns_line(flowlog, log_path):
+    f = tflow.tdnsflow(req=tutils.tdnsreq(
+        questions=[dns.Question("denied.example", dns.types.AAAA, dns.classes.IN)]))
+    verdict.answer_dns(f, dns.response_codes.NXDOMAIN, reason="not in the allowlist",
+                       host="denied.example", by="dnsfilter")
+    flowlog.dns_response(f)
+    (rec,) = lines(log_path)
+    assert rec["kind"] == "dns"
+    assert (rec["qname"], rec["qtype"], rec["rcode"]) == ("denied.example", "AAAA", "NXDOMAIN")
+    assert rec["decision"] == "deny" and rec["reason"] == "not in the allowlist"
+    assert rec["client"] == "127.0.0.1:22"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["time"])
+
+
+def test_reused_dns_flow_logs_each_query(flowlog, log_path):
+    f = tflow.tdnsflow(resp=True)
+    flowlog.dns_response(f)
+    flowlog.dns_response(f)
+    f.request = tutils.tdnsreq(questions=[dns.Question("b.example", dns.types.A, dns.classes.IN)])
+    flowlog.dns_response(f)
+    assert [r["qname"] for r in lines(log_path)] == ["dns.google", "b.example"]
+
+
+def test_undecided_flow_is_logged_as_such(flowlog, log_path):
+    f = tflow.tflow(resp=True)
+    flowlog.response(f)
+    (rec,) = lines(log_path)
+    assert rec["decision"] == "none"
+
+
+def test_tcp_flow_is_logged(flowlog, log_path):
+    t = tflow.ttcpflow(err=True)
+    verdict.record(t, allowed=False, reason="non-HTTP traffic is not relayed", host=None,
+                   by="enforce")
+    flowlog.tcp_error(t)
+    (rec,) = lines(log_path)
+    assert rec["kind"] == "tcp" and rec["decision"] == "deny"
+
+
+def test_no_log_configured_writes_nothing(tmp_path):
+    fl = FlowLog()
+    with taddons.context(fl):
+        fl.response(http_flow())
+        f = http_flow()
+        f.response = None
+        fl.requestheaders(f)
+        assert f.response is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_log_denies_until_it_works_again(tmp_path, clock, caplog):
+    missing_dir = tmp_path / "gone"
+    path = missing_dir / "requests.jsonl"
+    fl = FlowLog(clock=clock)
+    with taddons.context(fl) as tctx, caplog.at_level(logging.ERROR):
+        tctx.configure(fl, panopticon_log=str(path))
+        assert fl.broken
+        assert any("cannot open" in r.getMessage() for r in caplog.records)
+
+        f = http_flow()
+        f.response = None
+        fl.requestheaders(f)
+        assert f.response.status_code == 503
+        assert verdict.get(f)["decision"] == "deny"
+        fl.response(f)  # the write fails again: the flow stays denied, nothing raises
+
+        q = tflow.tdnsflow()
+        verdict.record(q, allowed=True, reason="ok", host="dns.google", by="dnsfilter")
+        fl.dns_request(q)
+        assert q.response.response_code == dns.response_codes.REFUSED
+
+        missing_dir.mkdir()
+        g = http_flow()
+        g.response = None
+        fl.requestheaders(g)
+        assert g.response.status_code == 503
+        fl.response(g)  # this write succeeds and heals the log
+        assert not fl.broken
+        h = http_flow()
+        h.response = None
+        fl.requestheaders(h)
+        assert h.response is None and verdict.is_allowed(h)
+    assert len(lines(path)) == 1
+
+
+def test_write_failure_is_logged_and_does_not_raise(flowlog, log_path, caplog, monkeypatch):
+    def enospc(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", enospc)
+    with caplog.at_level(logging.ERROR):
+        flowlog.response(http_flow())
+    assert flowlog.broken and "No space left" in flowlog.broken
+    assert any("No space left" in r.getMessage() for r in caplog.records)
+
+
+def test_reopens_after_rotation(flowlog, log_path, clock):
+    flowlog.response(http_flow())
+    rotated = log_path.with_name("requests.jsonl.1")
+    log_path.rename(rotated)
+    clock.now += 2
+    flowlog.response(http_flow())
+    assert len(lines(rotated)) == 1
+    assert len(lines(log_path)) == 1

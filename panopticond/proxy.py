@@ -54,7 +54,6 @@ class ProxySpec:
             "dns_use_hosts_file": False,
             # Non-HTTP bytes on 80/443 must never become a raw relay.
             "rawtcp": False,
-            "flow_detail": 0,
             "termlog_verbosity": "warn",
         }
         if self.upstream_ca:

@@ -23,7 +23,7 @@ from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.version import VERSION
 
-from panopticond.addons import all_addons
+from panopticond.addons import install
 
 
 class Ready:
@@ -37,29 +37,36 @@ class Ready:
             self.fd = -1
 
 
-def _modes(modes: list[str]) -> list[str]:
-    # mitmproxy 11.0 passes a UDP listen host to mitmproxy_rs as "host:port", so a literal
-    # IPv6 address must arrive bracketed (fixed in 11.1, where brackets would be doubled).
+def _bracket_udp_ipv6() -> None:
+    """mitmproxy 11.0 hands a UDP listen host to mitmproxy_rs, which parses "host:port",
+    so a literal IPv6 address fails ("invalid socket address syntax"); fixed in 11.1.
+    The same host goes to asyncio for TCP, where brackets would break, so bracket it
+    only on the way to the UDP server."""
     major, minor = (int(x) for x in VERSION.split(".")[:2])
     if (major, minor) != (11, 0):
-        return modes
-    out = []
-    for m in modes:
-        if m.startswith("dns@::1:"):
-            m = "dns@[::1]:" + m.rsplit(":", 1)[1]
-        out.append(m)
-    return out
+        return
+    import mitmproxy_rs
+    from mitmproxy.proxy import mode_servers
+
+    orig = mitmproxy_rs.udp.start_udp_server
+
+    async def start_udp_server(host, port, *args, **kwargs):
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return await orig(host, port, *args, **kwargs)
+
+    mode_servers.mitmproxy_rs.udp.start_udp_server = start_udp_server
 
 
 async def _main(opts_path: str, ready_fd: int) -> int:
+    _bracket_udp_ipv6()
     with open(opts_path) as f:
         spec = json.load(f)
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-    master.addons.add(*all_addons(), Ready(ready_fd))
-    mitm = dict(spec["mitmproxy"])
-    mitm["mode"] = _modes(mitm["mode"])
-    opts.update(**mitm)
+    install(master)
+    master.addons.add(Ready(ready_fd))
+    opts.update(**spec["mitmproxy"])
     opts.update(**spec["panopticon"])
 
     loop = asyncio.get_running_loop()

@@ -501,6 +501,15 @@ class Lab:
         return subprocess.run(["ip", "netns", "exec", self.host_ns, *argv],
                               check=kw.pop("check", False), **self._run_kw(kw))
 
+    def in_host(self, argv: Sequence[str]) -> list[str]:
+        """`argv` run in the simulated host's network namespace only, as `nsenter --net`.
+
+        Unlike `ip netns exec`, no mount namespace of its own: a jail started this way
+        binds its namespace in the real /run/netns, where a later `panopticon cleanup`
+        (or the test's own check that nothing is left) can see it.
+        """
+        return ["nsenter", f"--net=/run/netns/{self.host_ns}", *argv]
+
     def net_exec(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
         """`subprocess.run(argv)` in the internet namespace (output captured as text by default)."""
         return subprocess.run(["ip", "netns", "exec", self.net_ns, *argv],

@@ -224,10 +224,13 @@ def agent_config(
 
 
 def allow_hint(cfg: Config, agent: AgentConfig) -> str:
-    """Where an operator adds a host so that `agent` may reach it (for 403 pages and summaries)."""
+    """Where an operator adds a host so that `agent` may reach it (for 403 pages and summaries).
+
+    The agent reads this too: it names the config key, never the file (nothing about the
+    host machine goes into a page the agent sees)."""
     if agent.name in cfg.agents:
-        return f"[agents.{agent.name}] allow in {cfg.path}"
-    return f"--allow HOST, or [defaults] allow in {cfg.path}"
+        return f"allow of [agents.{agent.name}] in the config"
+    return "allow of [defaults] in the config (or pass --allow HOST)"
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

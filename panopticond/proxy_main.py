@@ -23,14 +23,21 @@ from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.version import VERSION
 
-from panopticond.addons import install
+from panopticond.addons import Enforce, install
 
 
 class Ready:
-    def __init__(self, fd: int):
+    """Reports readiness once every listener is bound, and only if the policy is loaded:
+    a proxy that would deny everything for want of a policy is not ready."""
+
+    def __init__(self, fd: int, policy_loaded):
         self.fd = fd
+        self.policy_loaded = policy_loaded
 
     def running(self) -> None:
+        if not self.policy_loaded():
+            logging.error("the policy is not loaded: not reporting readiness")
+            return
         if self.fd >= 0:
             os.write(self.fd, b"ready\n")
             os.close(self.fd)
@@ -64,8 +71,9 @@ async def _main(opts_path: str, ready_fd: int) -> int:
         spec = json.load(f)
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-    install(master)
-    master.addons.add(Ready(ready_fd))
+    ours = install(master)
+    enforce = next(a for a in ours if isinstance(a, Enforce))
+    master.addons.add(Ready(ready_fd, lambda: enforce.policy.policy is not None))
     opts.update(**spec["mitmproxy"])
     opts.update(**spec["panopticon"])
 

@@ -180,6 +180,25 @@ def test_exception_in_decide_denies(enforce, monkeypatch, caplog):
     assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
 
 
+def test_exception_at_headers_kills_a_chunked_request(enforce, monkeypatch):
+    def boom(self, host):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Policy, "decide", boom)
+    f = plain("allowed.example")
+    f.request.headers["transfer-encoding"] = "chunked"
+    enforce.requestheaders(f)
+    assert f.response is None and f.error.msg == f.error.KILLED_MESSAGE
+
+
+def test_request_mitmproxy_refused_itself_is_recorded(enforce):
+    f = plain("allowed.example", method=b"CONNECT")
+    f.error = tflow.terr("mitmproxy received an HTTP CONNECT request")
+    enforce.requestheaders(f)
+    assert verdict.get(f)["decision"] == "deny"
+    assert f.response is None
+
+
 def test_tls_allowed_sni(enforce):
     f = tls_flow("allowed.example")
     data = clienthello(enforce, f.client_conn)
@@ -325,6 +344,7 @@ def test_unsafe_mitmproxy_options_are_refused(policy_path):
             tctx.configure(e, rawtcp=True)
         with pytest.raises(exceptions.OptionsError, match="ignore_hosts"):
             tctx.configure(e, ignore_hosts=["."])
+        tctx.configure(e, ignore_hosts=(), rawtcp=False)  # safe values are accepted
 
 
 def test_running_fixes_unsafe_defaults(policy_path):

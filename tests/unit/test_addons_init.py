@@ -21,7 +21,8 @@ DEST = "198.51.100.7"
 @pytest.fixture
 def paths(tmp_path):
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps(Policy.build("x", ["allowed.example"], [], "agents.x.allow").to_dict()))
+    compiled = Policy.build("x", ["allowed.example"], [], "agents.x.allow").to_dict()
+    policy.write_text(json.dumps(compiled))
     return policy, tmp_path / "requests.jsonl"
 
 

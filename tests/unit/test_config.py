@@ -358,8 +358,11 @@ def test_agent_config_unknown_name_lists_the_known_ones():
 
 def test_allow_hint():
     cfg = loads(MERGE, F)
-    assert allow_hint(cfg, cfg.agents["openclaw"]) == f"[agents.openclaw] allow in {F}"
-    assert allow_hint(cfg, agent_config(cfg, None)).startswith("--allow HOST")
+    assert allow_hint(cfg, cfg.agents["openclaw"]) == "allow of [agents.openclaw] in the config"
+    adhoc = allow_hint(cfg, agent_config(cfg, None))
+    assert "[defaults]" in adhoc and "--allow HOST" in adhoc
+    # The agent reads the hint in 403 pages: it never names a file of the host.
+    assert F not in adhoc
 
 
 def test_to_dict_is_json_and_complete():

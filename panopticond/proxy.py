@@ -68,6 +68,25 @@ class ProxySpec:
         }
 
 
+def package_root() -> str:
+    """The directory holding the `panopticond` package this daemon runs from.
+
+    The proxy imports the very same code (no skew between daemon and proxy during an
+    upgrade, and a development tree is tested as it is). The proxy user runs it and is
+    exempt from the redirect, so nobody but root may be able to change it (threat 8).
+    """
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(pkg)
+    for d in (pkg, root):
+        st = os.stat(d)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise PanopticonError(
+                f"{d} is writable by others than root: the proxy will not run code from it",
+                hint="install panopticon with scripts/install, or fix the permissions",
+            )
+    return root
+
+
 class Proxy:
     def __init__(self, spec: ProxySpec):
         self.spec = spec
@@ -97,9 +116,12 @@ class Proxy:
         def preexec() -> None:  # pragma: no cover - runs in the child
             privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True)
 
+        root = package_root()
+        boot = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from panopticond.proxy_main import main; sys.exit(main(sys.argv[2:]))")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "panopticond.proxy_main", opts_path, str(w)],
+                [sys.executable, "-I", "-c", boot, root, opts_path, str(w)],
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,

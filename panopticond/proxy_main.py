@@ -1,4 +1,4 @@
-"""Entry point of the proxy process: `python -I -m panopticond.proxy_main OPTIONS.json FD`.
+"""Entry point of the proxy process: `main([OPTIONS.json, FD])`, started by proxy.py.
 
 Runs inside the instance namespace as the proxy user (proxy.py has entered the namespace
 and dropped privileges before exec). Instead of `mitmdump -s script.py`, the addons are
@@ -85,11 +85,12 @@ async def _main(opts_path: str, ready_fd: int) -> int:
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("tornado", "asyncio", "hpack", "quic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return asyncio.run(_main(sys.argv[1], int(sys.argv[2])))
+    return asyncio.run(_main(args[0], int(args[1])))
 
 
 if __name__ == "__main__":

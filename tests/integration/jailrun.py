@@ -14,8 +14,25 @@ from pathlib import Path
 
 from panopticond.lab import Lab
 
-PANOPTICON = shutil.which("panopticon") or "/usr/local/bin/panopticon"
 VENV_PYTHON = "/opt/panopticon/venv/bin/python"
+REPO = str(Path(__file__).resolve().parents[2])
+# The code under test is this tree, not an installed copy: the CLI runs from it, and the
+# proxy imports the package from wherever the CLI did (proxy.package_root).
+# A tree the proxy user cannot read (a clone under /root, say) is tested through the
+# copy that scripts/install put into the venv instead (scripts/test installs it first).
+
+
+def _world_readable(path: str) -> bool:
+    p = Path(path)
+    for d in [p, *p.parents]:
+        if not os.stat(d).st_mode & 0o001:
+            return False
+    return True
+
+
+PANOPTICON_ARGV = (["env", f"PYTHONPATH={REPO}", VENV_PYTHON, "-m", "panopticond.cli"]
+                   if _world_readable(REPO + "/panopticond") else
+                   [shutil.which("panopticon") or "/usr/local/bin/panopticon"])
 AGENT_USER = "nobody"
 
 # Names with one family only, so that every client is forced onto that family.
@@ -60,7 +77,7 @@ def config_text(lab: Lab, allow: Sequence[str] = ALLOWED, extra: str = "") -> st
 
 def run_argv(lab: Lab, config: Path, cmd: Sequence[str], *opts: str,
              user: str | None = AGENT_USER, log: Path | None = None) -> list[str]:
-    argv = [PANOPTICON, "run", "--config", str(config)]
+    argv = [*PANOPTICON_ARGV, "run", "--config", str(config)]
     if user:
         argv += ["--user", user]
     if log:

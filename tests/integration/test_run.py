@@ -266,7 +266,8 @@ def test_sigint_ends_the_agent_and_leaves_nothing(lab, work):
         if p.poll() is None:
             jail.kill_group(p, signal.SIGKILL)
             p.wait()
-        subprocess.run([jail.PANOPTICON, "cleanup", "--force", name], capture_output=True)
+        subprocess.run(lab.in_host([*jail.PANOPTICON_ARGV, "cleanup", "--force", name]),
+                       capture_output=True)
 
 
 def test_sigkill_then_cleanup_leaves_nothing_and_the_orphan_jail_stays_closed(lab, work):
@@ -291,30 +292,60 @@ def test_sigkill_then_cleanup_leaves_nothing_and_the_orphan_jail_stays_closed(la
         assert probe.returncode != 0
         assert not lab.events(since=mark, path="/orphan")
         assert jail.leftovers(lab, name)
-        c = subprocess.run(lab.in_host([jail.PANOPTICON, "cleanup", name]),
+        c = subprocess.run(lab.in_host([*jail.PANOPTICON_ARGV, "cleanup", name]),
                            capture_output=True, text=True, timeout=60)
         assert c.returncode == 0, c.stderr
         assert "removed" in c.stderr
         assert jail.leftovers(lab, name) == []
         # Idempotent: a second cleanup finds nothing and succeeds.
-        c2 = subprocess.run(lab.in_host([jail.PANOPTICON, "cleanup", name]),
+        c2 = subprocess.run(lab.in_host([*jail.PANOPTICON_ARGV, "cleanup", name]),
                             capture_output=True, text=True, timeout=60)
         assert c2.returncode == 0 and c2.stderr == ""
     finally:
         if p.poll() is None:
             p.kill()
-        subprocess.run(lab.in_host([jail.PANOPTICON, "cleanup", "--force", name]),
+        subprocess.run(lab.in_host([*jail.PANOPTICON_ARGV, "cleanup", "--force", name]),
                        capture_output=True)
 
 
 def test_bad_config_touches_nothing(lab, work):
     bad = work.write("bad.toml", jail.config_text(lab) + "allwo = [\"x.example\"]\n")
-    before = sorted(os.listdir("/run/netns"))
-    p = jail.run(lab, bad, ["true"])
-    assert p.returncode == 3, p.stderr
-    assert f"{bad}:" in p.stderr and "allwo" in p.stderr and "did you mean" in p.stderr
-    assert sorted(os.listdir("/run/netns")) == before
-    assert p.stdout == ""
+    p = subprocess.Popen(jail.run_argv(lab, bad, ["true"]), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 3, err
+    assert f"{bad}:" in err and "allwo" in err and "did you mean" in err
+    assert out == ""
+    assert jail.leftovers(lab, jail.instance_of(p.pid)) == []
+    # Positive control: the good config, same command, starts a jail and exits 0.
+    ok = jail.run(lab, work.path / "config.toml", ["true"])
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_command_not_found_after_the_jail_is_up_leaves_nothing(lab, work):
+    p = subprocess.Popen(jail.run_argv(lab, work.path / "config.toml", ["/nonexistent/agent"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 64, err
+    assert "command not found" in err
+    assert jail.leftovers(lab, jail.instance_of(p.pid)) == []
+
+
+def test_sigterm_reaches_the_agent_and_leaves_nothing(lab, work):
+    p = subprocess.Popen(jail.run_argv(lab, work.path / "config.toml", ["sleep", "60"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    name = jail.instance_of(p.pid)
+    try:
+        jail.wait_ready(name, p)
+        os.kill(p.pid, signal.SIGTERM)  # to panopticon alone, as systemd or kill would
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 128 + signal.SIGTERM, err  # the agent's own end
+        assert jail.leftovers(lab, name) == []
+    finally:
+        if p.poll() is None:
+            jail.kill_group(p, signal.SIGKILL)
+            p.wait()
 
 
 def test_refuses_to_run_the_agent_as_root(lab, work):

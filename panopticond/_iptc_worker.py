@@ -20,5 +20,8 @@ def main(conn: Any, op: str, family: int, netns: str | None, payload: Any) -> No
         result = ("error", f"{type(e).__name__}: {e}")
     try:
         conn.send(result)
+    except (BrokenPipeError, EOFError, OSError):
+        # The parent is gone (interrupted mid-start); it tears down without our answer.
+        pass
     finally:
         conn.close()

@@ -8,6 +8,7 @@ a traceback only with --debug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -67,8 +68,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                               status=ExitStatus.USAGE)
     _require_root()
     if args.agent is None:
-        # Ad-hoc runs get a name of their own, so that several can run at once.
+        # Ad-hoc runs get a name of their own, so that several can run at once; a CA
+        # kept for a name that never comes back would only pile up in the state dir.
         ag = _replace_name(ag, f"run-{os.getpid()}")
+        if ag.ca.mode == "persistent":
+            ag = dataclasses.replace(ag, ca=dataclasses.replace(ag.ca, mode="ephemeral"))
     pu = ProxyUser.lookup(cfg.proxy.user)
     user = agentmod.resolve_user(ag.user, os.environ, proxy_uid=pu.uid, proxy_gid=pu.gid)
     extra_env = _parse_env(args.env)

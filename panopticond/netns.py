@@ -53,6 +53,19 @@ def enter(name: str) -> None:
         os.close(fd)
 
 
+def host_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address of every interface of this namespace (the host's, for the daemon)."""
+    out: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, None] = {}
+    with IPRoute() as ipr:
+        for fam in (2, 10):
+            for a in ipr.get_addr(family=fam):
+                for attr in ("IFA_LOCAL", "IFA_ADDRESS"):
+                    addr = a.get_attr(attr)
+                    if addr:
+                        out[ipaddress.ip_address(addr.split("%", 1)[0])] = None
+    return list(out)
+
+
 def host_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """Every network that a route or an address of this namespace covers.
 
@@ -107,6 +120,13 @@ def connect(names: Names, addr: Addressing) -> None:
         if addr.v6_subnet is None:
             # No IPv6 for the agent: not even a link-local address on its side.
             pass
+        else:
+            # The link-local addresses get DAD too, and until the jail's completes
+            # (1-2 s) it answers no neighbour solicitation: nothing from the host reaches
+            # it (inbound routes). An interface moved into a namespace takes that
+            # namespace's defaults, so the jail's default is set before the move.
+            _in_netns_sysctl(names, "net/ipv6/conf/default/accept_dad", "0")
+            _write_sysctl(f"/proc/sys/net/ipv6/conf/{names.veth_host}/accept_dad", "0")
         ipr.link("set", index=jail_idx, net_ns_fd=names.netns)
         ipr.addr("add", index=host_idx, address=str(addr.v4_host), prefixlen=addr.v4_subnet.prefixlen)
         if addr.v6_subnet is not None:

@@ -28,6 +28,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from panopticond import addresses
+
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -65,6 +67,30 @@ def _icmp_type(value: str) -> None:
         raise ValueError(f"not a numeric ICMP type[/code]: {value!r}")
 
 
+_ADDRTYPES = ("UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST", "BLACKHOLE",
+              "UNREACHABLE", "PROHIBIT", "THROW", "NAT", "XRESOLVE")
+
+
+def _addrtype(value: str) -> None:
+    if value not in _ADDRTYPES:
+        raise ValueError(f"unknown address type {value!r} (known: {', '.join(_ADDRTYPES)})")
+
+
+def _to_destination(value: str) -> None:
+    """`ADDR:PORT` or `[ADDR6]:PORT`: one address and one port, as the kernel reports it."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError(f"not an IPv6 address in brackets: {value!r}")
+    elif not sep or ipaddress.ip_address(host).version != 4:
+        raise ValueError(f"not ADDR:PORT or [ADDR6]:PORT: {value!r}")
+    if ":" in port or not 1 <= int(port) <= 65535:
+        raise ValueError(f"not a port: {value!r}")
+    if str(ipaddress.ip_address(host)) != host:
+        raise ValueError(f"write the address canonically: {value!r}")
+
+
 def _ctstate(value: str) -> None:
     states = value.split(",")
     unknown = [s for s in states if s not in CTSTATES]
@@ -80,6 +106,7 @@ MATCHES: dict[str, dict[str, Any]] = {
     "udp": {"dport": _port, "sport": _port},
     "icmp": {"icmp-type": _icmp_type},
     "icmp6": {"icmpv6-type": _icmp_type},
+    "addrtype": {"dst-type": _addrtype},
 }
 
 # A protocol match is only valid on a rule of that protocol.
@@ -118,40 +145,15 @@ TARGETS: dict[
     "REJECT": (("filter",), None, ("reject-with",), ()),
     "REDIRECT": (("nat",), ("PREROUTING", "OUTPUT"), ("to-ports",), ()),
     "MASQUERADE": (("nat",), ("POSTROUTING",), (), ()),
+    # Only in user chains jumped to from PREROUTING/OUTPUT (inbound.py); one address:port.
+    "DNAT": (("nat",), ("PREROUTING", "OUTPUT"), ("to-destination",), ()),
 }
 
 POLICIES = ("ACCEPT", "DROP")
 
-# Ranges the proxy user and forwarded instance traffic must never reach: "this network",
-# private, shared (CGNAT), loopback, link-local (cloud metadata), IETF protocol
-# assignments, benchmarking, multicast and reserved. The documentation ranges
-# (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32) are deliberately absent:
-# they are the simulated internet of the tests.
-BLOCKED_RANGES: dict[int, tuple[str, ...]] = {
-    4: (
-        "0.0.0.0/8",
-        "10.0.0.0/8",
-        "100.64.0.0/10",
-        "127.0.0.0/8",
-        "169.254.0.0/16",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "192.0.0.0/24",
-        "198.18.0.0/15",
-        "224.0.0.0/4",
-        "240.0.0.0/4",
-    ),
-    6: (
-        "::/128",
-        "::1/128",
-        "::ffff:0:0/96",
-        "64:ff9b::/96",
-        "64:ff9b:1::/48",
-        "fc00::/7",
-        "fe80::/10",
-        "ff00::/8",
-    ),
-}
+# Ranges the proxy user and forwarded instance traffic must never reach: one list with
+# the proxy's own check of every address it dials (addresses.py).
+BLOCKED_RANGES = addresses.BLOCKED_RANGES
 
 # Neighbour discovery under a DROP policy: router solicitation (133, sent),
 # router advertisement (134, received), neighbour solicitation and advertisement
@@ -332,6 +334,13 @@ class Rule:
                         _port(value)
                     except ValueError as e:
                         raise RuleError(f"target {self.target} --to-ports: {e}") from None
+                if key == "to-destination":
+                    if self.protocol != "tcp":
+                        raise RuleError("DNAT --to-destination with a port needs protocol tcp")
+                    try:
+                        _to_destination(value)
+                    except ValueError as e:
+                        raise RuleError(f"target {self.target} --to-destination: {e}") from None
                 if key == "reject-with":
                     if value not in REJECT_WITH[4] + REJECT_WITH[6]:
                         raise RuleError(f"unknown --reject-with {value!r}")
@@ -438,6 +447,8 @@ class RuleSet:
             for key, value in rule.target_args:
                 if key == "reject-with" and value not in REJECT_WITH[self.family]:
                     raise RuleError(f"{where}: --reject-with {value} is not for IPv{self.family}")
+                if key == "to-destination" and value.startswith("[") != (self.family == 6):
+                    raise RuleError(f"{where}: {value} is not an IPv{self.family} destination")
 
     @property
     def tables(self) -> tuple[str, ...]:
@@ -497,6 +508,23 @@ def _blocked(family: int, blocked_ranges: Sequence[str] | None) -> list[str]:
         if net.version == family:
             out.append(str(net))
     return out
+
+
+def _family_networks(family: int, networks: Sequence[str]) -> list[str]:
+    out = []
+    for n in networks:
+        net = ipaddress.ip_network(_canonical_net(n))
+        if net.version == family:
+            out.append(str(net))
+    return out
+
+
+def _tcp_ports(ports: Sequence[int]) -> list[str]:
+    """The ports of TCP rules, checked, sorted; never 53, 80 or 443 (handled already)."""
+    out = sorted({int(_check_port(p, "tcp port")) for p in ports})
+    if {53, 80, 443} & set(out):
+        raise RuleError("a TCP rule port cannot be 53, 80 or 443")
+    return [str(p) for p in out]
 
 
 def _check_port(value: int, what: str) -> str:
@@ -571,6 +599,9 @@ def jail_rules(
     dns_port: int,
     dns_servers: Sequence[str],
     blocked_ranges: Sequence[str] | None = None,
+    inbound: Sequence[tuple[int, Sequence[str]]] = (),
+    veth: str | None = None,
+    tcp_ports: Sequence[int] = (),
 ) -> RuleSet:
     """The rules inside the instance namespace, owning its filter and nat tables.
 
@@ -578,7 +609,13 @@ def jail_rules(
     listeners on loopback; only the proxy user (`proxy_uid`) leaves the namespace, and
     only to the DNS servers of this family (port 53) and to addresses outside
     `blocked_ranges` on TCP 80 and 443. `blocked_ranges` defaults to
-    `BLOCKED_RANGES[family]`; entries of the other family are ignored.
+    `BLOCKED_RANGES[family]`; entries of the other family are ignored. `tcp_ports`
+    (the ports of TCP rules, destinations.py) are redirected and let out like 80 and 443:
+    the proxy decides what may pass on them.
+
+    `inbound` lists the proxy's inbound listeners as (port, source networks): reachable
+    only through the veth `veth`, only from those sources, and never from inside the
+    jail (see inbound.py). Sources of the other family are ignored.
     """
     if family not in (4, 6):
         raise RuleError(f"family is 4 or 6, not {family!r}")
@@ -592,6 +629,13 @@ def jail_rules(
     servers = _family_addresses(family, dns_servers, "dns_servers")
     blocked = _blocked(family, blocked_ranges)
     reject = _reject(family)
+    if inbound and veth is None:
+        raise RuleError("inbound listeners need the jail's veth")
+    published = [(_check_port(port, "inbound port"), _family_networks(family, sources))
+                 for port, sources in inbound]
+    if {t, d} & {p for p, _ in published}:
+        raise RuleError("an inbound port collides with the transparent or DNS port")
+    extra = _tcp_ports(tcp_ports)
 
     def redirect(proto: str, port: int, to: str) -> Rule:
         return Rule("nat", "OUTPUT", "REDIRECT", protocol=proto, matches=(_dport(proto, port),),
@@ -608,12 +652,16 @@ def jail_rules(
         Rule("nat", "OUTPUT", "RETURN", out_iface="lo"),
         redirect("tcp", 80, t),
         redirect("tcp", 443, t),
+        *[redirect("tcp", port, t) for port in extra],
     ]
     f_in = [
         Rule("filter", "INPUT", "ACCEPT", in_iface="lo"),
         Rule("filter", "INPUT", "ACCEPT", matches=(_ct("ESTABLISHED,RELATED"),)),
         *_nd(family, "INPUT", ND_IN),
-    ]
+        *[Rule("filter", "INPUT", "ACCEPT", protocol="tcp", in_iface=veth, src=src,
+               matches=(_dport("tcp", port),))
+          for port, sources in published for src in sources],
+    ]  # fmt: skip
     # Direct connections to the proxy's listeners are refused: the agent must come
     # through the REDIRECT (ctstate DNAT), and the proxy user reaching them would make
     # the transparent proxy loop to itself. ESTABLISHED,RELATED is accepted before these
@@ -623,6 +671,11 @@ def jail_rules(
         out("REJECT", _dport(proto, port), who, protocol=proto, out_iface="lo", target_args=how)
         for proto, port, how in (("tcp", t, _RESET), ("udp", d, reject), ("tcp", d, _RESET))
         for who in (_ct("!DNAT"), uid)
+    ] + [
+        # The inbound listeners serve the veth only: the agent would otherwise reach
+        # its own services through the proxy as if it were an allowed client.
+        out("REJECT", _dport("tcp", port), protocol="tcp", out_iface="lo", target_args=_RESET)
+        for port, _ in published
     ]
     f_out = [
         out("ACCEPT", _ct("ESTABLISHED,RELATED")),
@@ -635,6 +688,7 @@ def jail_rules(
         *[r for net in blocked for r in _refuse(family, "OUTPUT", uid, dst=net)],
         out("ACCEPT", uid, _dport("tcp", 80), protocol="tcp"),
         out("ACCEPT", uid, _dport("tcp", 443), protocol="tcp"),
+        *[out("ACCEPT", uid, _dport("tcp", port), protocol="tcp") for port in extra],
         # Refused rather than dropped: QUIC falls back to TCP at once, TCP fails at once.
         out("REJECT", _dport("udp", 443), protocol="udp", target_args=reject),
         *_refuse(family, "OUTPUT"),
@@ -664,14 +718,15 @@ def host_rules(
     subnet: str,
     dns_servers: Sequence[str],
     blocked_ranges: Sequence[str] | None = None,
+    tcp_ports: Sequence[int] = (),
 ) -> RuleSet:
     """The rules in the host namespace for one instance, in chains `PANO-<TAG>-*` only.
 
     Input from the instance's veth is refused except DNS to `dns_servers` (a resolver on
     a host address) and, for IPv6, neighbour discovery. Forwarding from the veth allows
-    DNS to `dns_servers` and TCP 80/443 to anything outside `blocked_ranges` (default
-    `BLOCKED_RANGES[family]`), plus the return traffic; the instance `subnet` is
-    masqueraded on the way out.
+    DNS to `dns_servers` and TCP 80/443 (and `tcp_ports`) to anything outside
+    `blocked_ranges` (default `BLOCKED_RANGES[family]`), plus the return traffic; the
+    instance `subnet` is masqueraded on the way out.
     """
     if family not in (4, 6):
         raise RuleError(f"family is 4 or 6, not {family!r}")
@@ -682,6 +737,7 @@ def host_rules(
         raise RuleError(f"subnet {subnet!r} is not an IPv{family} network")
     servers = _family_addresses(family, dns_servers, "dns_servers")
     blocked = _blocked(family, blocked_ranges)
+    extra = _tcp_ports(tcp_ports)
     veth = {"in_iface": veth_host}
 
     def fwd(target: str, *matches: Match, **fields: Any) -> Rule:
@@ -701,6 +757,7 @@ def host_rules(
         *[fwd("REJECT", dst=net, target_args=_reject(family), **veth) for net in blocked],
         fwd("ACCEPT", _dport("tcp", 80), protocol="tcp", **veth),
         fwd("ACCEPT", _dport("tcp", 443), protocol="tcp", **veth),
+        *[fwd("ACCEPT", _dport("tcp", port), protocol="tcp", **veth) for port in extra],
         *_refuse(family, c_fwd),
         Rule("nat", c_nat, "MASQUERADE", src=net, out_iface="!" + veth_host),
     ]  # fmt: skip

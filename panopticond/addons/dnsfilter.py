@@ -7,7 +7,12 @@ channel out of the jail. So, in `dns_request`:
 - A/AAAA for an allowed name: marked allowed, left to mitmproxy's resolver;
 - A/AAAA for any other name: NXDOMAIN, answered here;
 - every other type, class, opcode or a multi-question message: REFUSED (NOTIMP for
-  opcodes other than QUERY), answered here.
+  opcodes other than QUERY), answered here. This includes HTTPS and SVCB records, so
+  the agent never learns an ECH configuration from the jail's DNS (threat 16): failing
+  closed costs clients only the HTTPS-record shortcut, never a connection.
+
+The addresses an allowed answer carries are checked and pinned to the name by
+binding.py (`dns_response`).
 
 This only keeps denied names from being looked up if it runs *before* mitmproxy's
 own `dnsresolver` addon, which a DumpMaster adds ahead of ours: use
@@ -21,6 +26,7 @@ import logging
 from mitmproxy import ctx, dns
 
 from panopticond.addons import policyfile, verdict
+from panopticond.destinations import decide_dns
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +96,12 @@ class DnsFilter:
                 reason=f"{dns.types.to_str(question.type)} queries are not answered",
             )
         else:
-            d = self.policy.decide(question.name)
+            # Names only a passthrough or port rule mentions are resolved too.
+            policy = self.policy.current()
+            d = decide_dns(policy, question.name) if policy is not None else policyfile.NO_POLICY
             if d.allowed:
                 verdict.record(flow, allowed=True, reason=d.reason, host=qname, by=BY, rule=d.rule)
             else:
                 verdict.answer_dns(flow, dns.response_codes.NXDOMAIN, reason=d.reason,
                                    host=qname, by=BY, rule=d.rule)
+            verdict.note(flow, d)

@@ -229,8 +229,10 @@ class Enforce:
 
     @_fail_closed(_kill_internal)
     def tcp_start(self, flow: tcp.TCPFlow):
-        # Only reachable if a raw layer slipped past next_layer; killing marks the flow,
-        # and the server_connect gate is what keeps it from dialling.
+        if self.approvals.relay(flow.client_conn) is not None:
+            return  # a relay binding.py approved (passthrough, port rule): it records it
+        # Otherwise only reachable if a raw layer slipped past next_layer; killing marks
+        # the flow, and the server_connect gate is what keeps it from dialling.
         verdict.record(flow, allowed=False, reason="non-HTTP traffic is not relayed",
                        host=flow.client_conn.sni, by=BY)
         verdict.kill(flow)
@@ -265,11 +267,14 @@ class Enforce:
             at_tls = self.tls_decisions.get(client.id)
             if at_tls is not None and not at_tls[1].allowed:
                 d = at_tls[1]
-                return deny(403, d.reason, self._denied_text(name, d), d.rule)
+                deny(403, d.reason, self._denied_text(name, d), d.rule)
+                return verdict.note(flow, d)
 
-        d = self.policy.decide(name)
+        # The name decided at TLS time may have only method/path rules: judge each request.
+        d = self.policy.decide(name, req.method, req.path)
         if not d.allowed:
-            return deny(403, d.reason, self._denied_text(name, d), d.rule)
+            deny(403, d.reason, self._denied_text(name, d), d.rule)
+            return verdict.note(flow, d)
 
         if is_tls and host_header and not _same_host(host_header, name):
             return deny(421, "Host does not match the TLS server name",
@@ -291,6 +296,7 @@ class Enforce:
                         "the address this connection goes to.\n")
 
         verdict.record(flow, allowed=True, reason=d.reason, host=name, by=BY, rule=d.rule)
+        verdict.note(flow, d)
         self.approvals.approve(client, (req.host, req.port))
 
     def _denied_text(self, name: str, d: Decision) -> str:

@@ -46,7 +46,8 @@ class FinalGuard:
         self._kill(flow)
 
     def tcp_start(self, flow: tcp.TCPFlow):
-        self._kill(flow)
+        if not verdict.is_allowed(flow):  # only binding.py's relays are ever allowed
+            self._kill(flow)
 
     def udp_start(self, flow: udp.UDPFlow):
         self._kill(flow)

@@ -67,11 +67,11 @@ class PolicyFile:
             self._refresh()
         return self.policy
 
-    def decide(self, host: str) -> Decision:
+    def decide(self, host: str, method: str | None = None, path: str | None = None) -> Decision:
         policy = self.current()
         if policy is None:
             return NO_POLICY
-        return policy.decide(host)
+        return policy.decide(host, method, path)
 
     def _refresh(self) -> None:
         self._checked_at = self.clock()

@@ -8,6 +8,9 @@ A decision on a flow lives in `flow.metadata["panopticon"]` as a small dict:
     host      the name that was judged (SNI, Host or DNS question)
     by        the addon that decided
     local     True when the agent got a local answer (a 403, an NXDOMAIN, ...)
+    mode, would_decision   when the policy decided: its mode ("enforce" or "discover")
+              and what enforce mode does (or would have done) with the flow (`note`)
+    notes     what operator addons added (`operator_addons.annotate`)
 
 `FlowLog` writes it, `FinalGuard` denies any flow without an "allow" in it.
 
@@ -74,6 +77,15 @@ def record(
     return v
 
 
+def note(flow, d) -> None:
+    """Record on the flow's decision which policy mode made `d` (a policy.Decision) and
+    what enforce mode would have decided: the log's `mode` and `would_decision`."""
+    v = get(flow)
+    if v is not None:
+        v["mode"] = d.mode
+        v["would_decision"] = d.would_action
+
+
 def kill(flow) -> None:
     if flow.killable:
         flow.kill()
@@ -126,12 +138,26 @@ class Approvals:
 
     def __init__(self) -> None:
         self._by_client: dict[str, set[tuple[str, int]]] = {}
+        self._relays: dict[str, dict[str, Any]] = {}
 
     def approve(self, client: connection.Client, address: tuple[str, int]) -> None:
         self._by_client.setdefault(client.id, set()).add((str(address[0]), int(address[1])))
 
+    def approve_relay(self, client: connection.Client, info: dict[str, Any]) -> None:
+        """Let `client`'s connection be relayed as raw TCP (passthrough, port rules; see
+        binding.py). `info` describes the decision: name, rule, reason, kind, address."""
+        self._relays[client.id] = info
+
+    def relay(self, client: connection.Client) -> dict[str, Any] | None:
+        """The approved raw relay of `client`'s connection, or None: kill any TCP flow."""
+        return self._relays.get(client.id)
+
+    def forget_relay(self, client: connection.Client) -> None:
+        self._relays.pop(client.id, None)
+
     def forget(self, client: connection.Client) -> None:
         self._by_client.pop(client.id, None)
+        self._relays.pop(client.id, None)
 
     def refusal(
         self, client: connection.Client, server: connection.Server,

@@ -20,13 +20,33 @@ oracle for what reached the internet, so nothing here is best effort. Events:
     udp    a datagram to a UDP sink (data, bytes); it is echoed back
     dns    one per query, UDP or TCP: name, type, rcode, answers, id
 
+    ws     one per WebSocket message received on /ws (data, opcode); it is echoed back
+    tcp    bytes sent after a `101` of /switch (note "after 101"); they are echoed back
+    tcp    a connection caught by the catch-all (catchall: true): server_ip and port are
+    udp    the ORIGINAL destination, whatever address and port the client chose
+
+Every event carries origin ("host") when the process serves the simulated host.
+
+HTTP paths with a meaning: /status/NNN, /bytes/N, /ws (a WebSocket echo), /switch (a
+`101 Switching Protocols` for whatever Upgrade was asked, then a raw echo: what a proxy
+that turns a bad upgrade into a tunnel would let through). On an address given to a
+"CDN" (op cdn) only the sites named for it are served; any other Host gets 421.
+
 Stdin takes commands, one JSON object a line, each answered by one line on stdout:
     {"op": "add", "name": N, "v4": A|null, "v6": A|null, "serve": bool}
 adds N to the DNS zone and, with "serve", binds its addresses (already on `lo`).
+    {"op": "rebind", "name": N, "answers": [[v4|null, v6|null], ...]}
+answers the k-th query of each type for N from answers[k] (the last one sticks), TTL 0.
+    {"op": "cdn", "address": A, "sites": [N, ...]}
+serves on A only those sites (routing by Host).
+    {"op": "catchall", "port": P}
+binds transparent TCP and UDP listeners on P (0.0.0.0 and ::) for a TPROXY rule.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.server
 import ipaddress
 import json
@@ -49,6 +69,10 @@ _UDP_ROLES = ("dns", "udp_sink")
 _BODY_KEEP = 4096  # bytes of a request body (or sink payload) kept in the event
 _PATTERN = bytes(range(256)) * 256  # /bytes/N repeats this 64 KiB block
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+# Linux socket options the socket module does not name.
+_IP_TRANSPARENT, _IPV6_TRANSPARENT = 19, 75
+_IP_RECVORIGDSTADDR, _IPV6_RECVORIGDSTADDR = 20, 74
 
 
 def _ip(address: str) -> str:
@@ -62,9 +86,10 @@ def _text(data: bytes) -> str:
 class EventLog:
     """Append-only JSON lines; one `os.write` per event under a lock, so lines never interleave."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, origin: str | None = None):
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
+        self._origin = {"origin": origin} if origin else {}
 
     def write(self, kind: str, proto: str, local: tuple, peer: tuple, **details: object) -> dict:
         event = {
@@ -75,6 +100,7 @@ class EventLog:
             "port": local[1],
             "client_ip": _ip(peer[0]),
             "client_port": peer[1],
+            **self._origin,
             **details,
         }
         data = (json.dumps(event, separators=(",", ":")) + "\n").encode()
@@ -187,13 +213,25 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             return
         route = self.path.split("?", 1)[0]
         status, size = 200, None
+        sites = self.lab.cdn.get(_ip(self.local[0]))
+        if sites is not None:
+            site = (self.headers.get("Host") or "").lower().rstrip(".")
+            site = re.sub(r":\d+$", "", site).rstrip(".")
+            if site not in sites:
+                self._log(body_length, body, status=421, site=None)
+                self._reply(421, b"no such site\n")
+                return
+        if route in ("/ws", "/switch") and self.headers.get("Upgrade"):
+            self._upgrade(route, body_length, body)
+            return
         if m := re.fullmatch(r"/status/(\d{3})", route):
             status = int(m.group(1))
             if not 200 <= status <= 599:
                 status = 400
         elif m := re.fullmatch(r"/bytes/(\d{1,12})", route):
             size = int(m.group(1))
-        event = self._log(body_length, body, status=status)
+        event = self._log(body_length, body, status=status,
+                          **({"site": site} if sites is not None else {}))
         if size is not None:
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
@@ -218,10 +256,78 @@ class _HTTPHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
 
+    def _reply(self, status: int, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _upgrade(self, route: str, body_length: int, body: bytes) -> None:
+        """/ws: a WebSocket echo that logs each message. /switch: `101` for any Upgrade,
+        then a raw echo that logs what arrives (no proxy should ever relay it)."""
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        ws = route == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket"
+        if route == "/ws" and not (ws and key):
+            self.send_error(400, "not a WebSocket upgrade")
+            return
+        self._log(body_length, body, status=101)
+        self.send_response(101)
+        self.send_header("Upgrade", self.headers.get("Upgrade", ""))
+        self.send_header("Connection", "Upgrade")
+        if ws:
+            accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
+            self.send_header("Sec-WebSocket-Accept", accept.decode())
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        (self._ws_echo if ws else self._raw_echo)()
+
+    def _raw_echo(self) -> None:
+        self.connection.settimeout(self.lab.sink_wait)
+        while True:
+            try:
+                data = self.connection.recv(_BODY_KEEP)
+            except OSError:
+                return
+            if not data:
+                return
+            self.lab.log.write("tcp", "tcp", self.local, self.client_address,
+                               data=_text(data), bytes=len(data), note="after 101", **self.tls)
+            self.connection.sendall(data)
+
+    def _ws_echo(self) -> None:
+        rfile = self.rfile
+        while True:
+            head = rfile.read(2)
+            if len(head) < 2:
+                return
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(rfile.read(2), "big")
+            elif length == 127:
+                length = int.from_bytes(rfile.read(8), "big")
+            mask = rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(rfile.read(length)))
+            if opcode == 8:  # close: answer it and stop
+                self.wfile.write(b"\x88\x00")
+                self.wfile.flush()
+                return
+            if opcode in (1, 2):
+                self.lab.log.write("ws", "tcp", self.local, self.client_address,
+                                   data=_text(payload), opcode=opcode, bytes=len(payload),
+                                   **self.tls)
+                n = len(payload)
+                size = bytes([n]) if n < 126 else b"\x7e" + n.to_bytes(2, "big")
+                self.wfile.write(bytes([0x80 | opcode]) + size + payload)
+                self.wfile.flush()
+
+
 class Servers:
     def __init__(self, config: dict):
         self.config = config
-        self.log = EventLog(config["log"])
+        self.log = EventLog(config["log"], config.get("origin"))
+        self.rebinds: dict[str, dict[str, Any]] = {}
+        self.cdn: dict[str, set[str]] = {}
         self.zone: dict[str, tuple[str | None, str | None]] = {
             name.lower(): (v4, v6) for name, (v4, v6) in config["zone"].items()
         }
@@ -261,6 +367,36 @@ class Servers:
             s.close()
             raise OSError(e.errno, f"bind {address} port {port}: {e.strerror}") from None
 
+    def catch_all(self, port: int) -> None:
+        """Transparent listeners on `port` for everything a TPROXY rule sends there."""
+        for family, address, level, transparent, origdst in (
+            (socket.AF_INET, "0.0.0.0", socket.SOL_IP, _IP_TRANSPARENT, _IP_RECVORIGDSTADDR),
+            (socket.AF_INET6, "::", socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, _IPV6_RECVORIGDSTADDR),
+        ):
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                s = socket.socket(family, kind)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(level, transparent, 1)
+                if kind == socket.SOCK_DGRAM:
+                    s.setsockopt(level, origdst, 1)
+                self._bind(s, family, address, port)
+                if kind == socket.SOCK_STREAM:
+                    s.listen(1024)
+                self._register(s, ("tcp" if kind == socket.SOCK_STREAM else "udp", "catchall"))
+
+    def _caught_datagram(self, sock: socket.socket) -> None:
+        data, ancdata, _flags, peer = sock.recvmsg(65535, 256)
+        local = sock.getsockname()
+        for level, kind, raw in ancdata:
+            if (level, kind) == (socket.SOL_IP, _IP_RECVORIGDSTADDR):
+                local = (socket.inet_ntop(socket.AF_INET, raw[4:8]),
+                         int.from_bytes(raw[2:4], "big"))
+            elif (level, kind) == (socket.IPPROTO_IPV6, _IPV6_RECVORIGDSTADDR):
+                local = (socket.inet_ntop(socket.AF_INET6, raw[8:24]),
+                         int.from_bytes(raw[2:4], "big"))
+        self.log.write("udp", "udp", local, peer, data=_text(data), bytes=len(data),
+                       catchall=True)
+
     def _register(self, s: socket.socket, data: tuple[str, str]) -> None:
         s.setblocking(False)
         self.selector.register(s, selectors.EVENT_READ, data)
@@ -273,7 +409,9 @@ class Servers:
                 sock = key.fileobj
                 assert isinstance(sock, socket.socket)
                 try:
-                    if proto == "udp":
+                    if proto == "udp" and role == "catchall":
+                        self._caught_datagram(sock)
+                    elif proto == "udp":
                         data, peer = sock.recvfrom(65535)
                         self._datagram(sock, role, data, peer)
                     else:
@@ -311,7 +449,9 @@ class Servers:
                 elif role == "dns":
                     self._dns_tcp(conn, peer, local)
                 else:
-                    self._sink(conn, peer, local)
+                    # A caught connection's local address is its original destination.
+                    self._sink(conn, peer, local, **(
+                        {"catchall": True} if role == "catchall" else {}))
         except Exception:  # noqa: BLE001 - one broken connection must not stop the servers
             traceback.print_exc()
 
@@ -339,9 +479,8 @@ class Servers:
             }
             self._http(tls_conn, peer, local, "https", info)
 
-    def _sink(self, conn: socket.socket, peer: tuple, local: tuple) -> None:
+    def _sink(self, conn: socket.socket, peer: tuple, local: tuple, **details: object) -> None:
         conn.settimeout(self.sink_wait)
-        details: dict[str, object] = {}
         try:
             data = conn.recv(_BODY_KEEP)
         except TimeoutError:
@@ -384,6 +523,13 @@ class Servers:
             return dnswire.build_error(data, 1)
         answers: list[str] = []
         entry = self.zone.get(query.name)
+        ttl = 30
+        rebind = self.rebinds.get(query.name)
+        if rebind is not None and query.qtype in (1, 28):
+            with self._sni_lock:
+                k = rebind["asked"].get(query.qtype, 0)
+                rebind["asked"][query.qtype] = k + 1
+            entry, ttl = tuple(rebind["answers"][min(k, len(rebind["answers"]) - 1)]), 0
         if (query.flags >> 11) & 0xF:
             rcode = 4
         elif query.count != 1:
@@ -396,7 +542,7 @@ class Servers:
             answers = [address] if address else []
         self.log.write("dns", proto, local, peer, name=query.name, type=query.type_name,
                        rcode=dnswire.RCODES[rcode], answers=answers, id=query.id)
-        return dnswire.build_response(query, rcode, answers)
+        return dnswire.build_response(query, rcode, answers, ttl)
 
     # --- TLS ---------------------------------------------------------------------------
 
@@ -435,13 +581,21 @@ class Servers:
         for line in sys.stdin:
             try:
                 cmd = json.loads(line)
-                if cmd.get("op") != "add":
-                    raise ValueError(f"unknown op {cmd.get('op')!r}")
-                if cmd.get("serve"):
+                op = cmd.get("op")
+                if op == "rebind":
+                    self.rebinds[cmd["name"].lower()] = {"answers": cmd["answers"], "asked": {}}
+                elif op == "cdn":
+                    self.cdn[_ip(cmd["address"])] = {s.lower() for s in cmd["sites"]}
+                elif op == "catchall":
+                    self.catch_all(int(cmd["port"]))
+                elif op != "add":
+                    raise ValueError(f"unknown op {op!r}")
+                elif cmd.get("serve"):
                     for address in (cmd.get("v4"), cmd.get("v6")):
                         if address:
                             self.bind(address)
-                self.zone[cmd["name"].lower()] = (cmd.get("v4"), cmd.get("v6"))
+                if op == "add":
+                    self.zone[cmd["name"].lower()] = (cmd.get("v4"), cmd.get("v6"))
                 reply: dict[str, object] = {"ok": True}
             except Exception as e:  # noqa: BLE001 - the Lab raises it with this message
                 reply = {"ok": False, "error": str(e)}

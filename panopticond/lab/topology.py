@@ -38,7 +38,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+if TYPE_CHECKING:
+    from panopticond.lab.capture import Capture
 
 from panopticond.errors import ExitStatus, PanopticonError
 
@@ -63,6 +66,12 @@ PORTS: dict[str, tuple[int, ...]] = {
     "tcp_sink": (22, 853, 8080, 9999),
     "udp_sink": (443, 853, 9999),
 }
+
+# What the attack suite adds on demand (Lab.catch_all, serve_host, serve_metadata):
+CATCHALL_PORT = 1  # the transparent listener every unserved TCP/UDP packet is sent to
+HOST_TCP_PORTS = (22, 25, 53, 80, 443, 2375, 3306, 5432, 6379, 8080, 9999, 11211)
+HOST_UDP_PORTS = (53, 123, 161, 5353, 9999)
+METADATA = ("metadata.lab.example", "169.254.169.254", "fd00:ec2::254")
 
 STATE_ROOT = Path("/run/pnl-lab")  # one directory per lab: owner, CA, certs, event log
 NETNS_ETC = Path("/etc/netns")
@@ -120,6 +129,22 @@ def _check_address(address: str | None, family: int) -> str | None:
             f"lab: server address {address} is outside the lab's ranges",
             hint="use 198.51.100.0/24 or 2001:db8::/32 (not 2001:db8:ffff::/64)",
         )
+    return ip.compressed
+
+
+def _any_address(address: str | None, family: int, serve: bool) -> str | None:
+    """Any address of `family`; served ones must stay off the veth's own subnet."""
+    if address is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise PanopticonError(f"lab: {address!r} is not an IP address") from None
+    if ip.version != family:
+        raise PanopticonError(f"lab: {address} is not an IPv{family} address")
+    if serve and ip in (_V4_LINK if family == 4 else _V6_LINK):
+        raise PanopticonError(f"lab: {address} is on the lab's link: it cannot be served",
+                              hint="pass serve=False to only name it in DNS")
     return ip.compressed
 
 
@@ -262,6 +287,8 @@ class Lab:
         self._server: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._closed = False
+        self._host_server: subprocess.Popen[bytes] | None = None
+        self._captures = 0
 
     def __repr__(self) -> str:
         return f"<Lab {self.tag} host={self.host_ns} net={self.net_ns}>"
@@ -459,13 +486,19 @@ class Lab:
     # --- zone --------------------------------------------------------------------------
 
     def add_name(self, name: str, v4: str | None = None, v6: str | None = None,
-                 serve: bool = True) -> None:
+                 serve: bool = True, anywhere: bool = False) -> None:
         """Add (or replace) `name` in the zone; with `serve`, also serve its addresses.
 
         HTTPS works for it too: the servers issue a certificate for any SNI they lack.
+        With `anywhere`, the addresses may lie outside the lab's ranges (10.x, 169.254.x,
+        the simulated host's own), as for DNS rebinding: served, they are bound in the
+        internet namespace, where the simulated host's default route leads.
         """
         key = name.lower().rstrip(".")
-        v4, v6 = _check_names({**self.names, key: (v4, v6)})[key]
+        if anywhere:
+            v4, v6 = _any_address(v4, 4, serve), _any_address(v6, 6, serve)
+        else:
+            v4, v6 = _check_names({DNS_NAME: self.names[DNS_NAME], key: (v4, v6)})[key]
         new = [a for a in (v4, v6) if serve and a and a not in self._served]
         for address in new:
             _run(["ip", "-n", self.net_ns, "addr", "add",
@@ -572,3 +605,114 @@ class Lab:
             message=f"fewer than {count} {kind or ''} events matching {filters} "
                     f"within {timeout}s",
         )
+
+    # --- the attack suite's additions (all on demand; a plain lab has none of them) -----
+
+    def catch_all(self) -> None:
+        """Make the internet answer on every TCP and UDP port of every address.
+
+        A TPROXY rule in the internet namespace hands each packet from the link that no
+        server listens for (any address, any port) to one transparent listener, which
+        logs it (`catchall: true`) with its original destination. Idempotent.
+        """
+        if getattr(self, "_catch_all", False):
+            return
+        self._command({"op": "catchall", "port": CATCHALL_PORT})
+        tcp = sorted({p for r in ("http", "https", "dns", "tcp_sink") for p in self.ports[r]})
+        udp = sorted({p for r in ("dns", "udp_sink") for p in self.ports[r]})
+        for tool, ip, default in (("iptables-legacy", "ip", "0.0.0.0/0"),
+                                  ("ip6tables-legacy", "ip -6", "::/0")):
+            base = [tool, "-t", "mangle", "-A", "PREROUTING", "-i", self.net_veth]
+            for proto, ports in (("tcp", tcp), ("udp", udp)):
+                self.net_exec([*base, "-p", proto, "-m", "addrtype", "--dst-type", "LOCAL",
+                               "-m", "multiport", "--dports", ",".join(map(str, ports)),
+                               "-j", "RETURN"], check=True)
+            for proto in ("tcp", "udp"):
+                self.net_exec([*base, "-p", proto, "-j", "TPROXY", "--on-port",
+                               str(CATCHALL_PORT), "--tproxy-mark", "0x1/0x1"], check=True)
+            self.net_exec([*ip.split(), "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"],
+                          check=True)
+            self.net_exec([*ip.split(), "route", "add", "local", default, "dev", "lo",
+                           "table", "100"], check=True)
+        self._catch_all = True
+
+    def serve_host(self, tcp_ports: Sequence[int] = HOST_TCP_PORTS,
+                   udp_ports: Sequence[int] = HOST_UDP_PORTS) -> None:
+        """Services on the simulated host itself: TCP and UDP sinks on every address of
+        its namespace (wildcard binds, so also addresses added later, such as a jail's
+        gateway), logging to the same event log with `origin: host`. Idempotent."""
+        if self._host_server is not None:
+            return
+        config = json.loads((self.dir / "servers.json").read_text())
+        config.update(addresses=["0.0.0.0", "::"], origin="host",
+                      ports={"tcp_sink": list(tcp_ports), "udp_sink": list(udp_ports)})
+        path = self.dir / "host-servers.json"
+        path.write_text(json.dumps(config, indent=1))
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        with open(self.dir / "host-servers.stderr", "wb") as stderr:
+            proc = self._host_server = subprocess.Popen(
+                ["ip", "netns", "exec", self.host_ns, sys.executable, "-m",
+                 "panopticond.lab.servers", str(path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env,
+                cwd=self.dir, start_new_session=True)
+        self._stack.callback(_end, proc)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        line = proc.stdout.readline() if ready else b""
+        if not line or not json.loads(line).get("ready"):
+            raise PanopticonError("lab: the simulated host's services did not start: "
+                                  + (self.dir / "host-servers.stderr").read_text()[-500:])
+
+    def serve_metadata(self) -> tuple[str, str]:
+        """Stand-ins for a cloud metadata service (169.254.169.254, fd00:ec2::254), named
+        `metadata.lab.example`; returns the two addresses."""
+        name, v4, v6 = METADATA
+        if name not in self.names:
+            self.add_name(name, v4=v4, v6=v6, anywhere=True)
+        return v4, v6
+
+    def rebind(self, name: str, answers: Sequence[tuple[str | None, str | None]]) -> None:
+        """DNS rebinding: the k-th A (and AAAA) query for `name` gets answers[k], the last
+        one from then on, all with TTL 0. Serve the addresses with `add_name` first."""
+        key = name.lower().rstrip(".")
+        self._command({"op": "rebind", "name": key, "answers": [list(a) for a in answers]})
+        self.names[key] = tuple(answers[-1])  # type: ignore[assignment]
+
+    def add_cdn(self, sites: Sequence[str], v4: str, v6: str | None = None) -> None:
+        """One address pair serving several sites, routed by Host (421 for any other)."""
+        for site in sites:
+            self.add_name(site, v4=v4, v6=v6)
+        for address in filter(None, (v4, v6)):
+            self._command({"op": "cdn", "address": address, "sites": list(sites)})
+
+    def capture(self, where: str = "net") -> Capture:
+        """A packet capture (not started: use it in a `with`). "net": the internet's end
+        of the link, all that reaches the simulated internet; "host": every interface of
+        the simulated host, jails' veths included."""
+        from panopticond.lab.capture import Capture
+
+        if where not in ("net", "host"):
+            raise PanopticonError(f"lab: no capture point {where!r} (net or host)")
+        self._captures += 1
+        cap = Capture(self.net_ns if where == "net" else self.host_ns,
+                      self.net_veth if where == "net" else "any",
+                      self.dir / f"{where}-{self._captures}.pcap")
+        self._stack.callback(cap.stop)
+        return cap
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Stop a server process started by the lab and close its pipes."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        with contextlib.suppress(OSError):
+            if pipe:
+                pipe.close()

@@ -66,11 +66,18 @@ def gate(master, client, address):
 
 def test_all_addons_are_fresh_and_ordered():
     a, b = pa.all_addons(), pa.all_addons()
-    assert [type(x).__name__ for x in a] == ["Enforce", "DnsFilter", "FlowLog", "FinalGuard"]
+    assert [type(x).__name__ for x in a] == ["Inbound", "Enforce", "Binding", "SecretGuard",
+                                             "SecretDns", "DnsFilter", "AddHeaders",
+                                             "_Guard", "_Guard", "FlowLog", "SecretSwap",
+                                             "FinalGuard"]
     assert not set(map(id, a)) & set(map(id, b))
-    enforce, dnsfilter, _, guard = a
-    assert enforce.policy is dnsfilter.policy
-    assert enforce.approvals is guard.approvals
+    (inbound, enforce, binding, secretguard, secretdns, dnsfilter, headers, opening, closing,
+     _, secretswap, guard) = a
+    assert secretguard.core is secretdns.core is secretswap.core
+    assert enforce.policy is binding.policy is dnsfilter.policy is headers.policy \
+        is opening.boundary.policy
+    assert opening.boundary is closing.boundary
+    assert inbound.approvals is enforce.approvals is binding.approvals is guard.approvals
 
 
 def test_install_puts_dnsfilter_before_mitmproxys_resolver():
@@ -81,6 +88,7 @@ def test_install_puts_dnsfilter_before_mitmproxys_resolver():
 
     names = asyncio.run(build())
     assert names.index("panopticon_dnsfilter") < names.index("dnsresolver")
+    assert names.index("panopticon_secretdns") < names.index("panopticon_dnsfilter")
     # Enforce overrides choices of nextlayer and tlsconfig: it must come after them.
     assert names.index("panopticon_enforce") > names.index("nextlayer")
     assert names.index("panopticon_enforce") > names.index("tlsconfig")

@@ -279,6 +279,9 @@ def test_round_trip_through_json():
         "allow": ["*.example.com", "api.test", "2001:db8::1"],
         "deny": ["bad.example.com"],
         "allow_hint": "[agents.bot] allow in /etc/panopticon/config.toml",
+        "rules": [],
+        "mode": "enforce",
+        "headers": [],
     }
     q = Policy.from_dict(d)
     assert q.to_dict() == d
@@ -449,3 +452,183 @@ def test_canonical_host_is_idempotent_and_lower_case(labels, flips, dot):
     assert c == c.lower()
     assert not c.endswith(".")
     assert canonical_host(c) == c
+
+
+# --- method and path rules (issue 3) ---------------------------------------------------------
+
+from panopticond.policy import (  # noqa: E402
+    DISCOVER,
+    HeaderRule,
+    RequestRule,
+    header_problem,
+    parse_method,
+)
+
+GH = RequestRule.parse("api.github.com", ["get", "HEAD"], ["/repos/acme/*", "/user"])
+
+
+def rules_policy(*, allow=(), deny=(), rules=(GH,), mode="enforce", headers=()) -> Policy:
+    return Policy.build("x", list(allow), list(deny), rules=list(rules), mode=mode,
+                        headers=list(headers))
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("GET", "/repos/acme/x", True),
+    ("HEAD", "/repos/acme", True),
+    ("GET", "/user?tab=1", True),
+    ("GET", "/repos/acme/x?next=/repos/other", True),
+    ("POST", "/repos/acme/x", False),
+    ("get", "/repos/acme/x", False),  # methods are compared as sent
+    ("GET", "/repos/other", False),
+    ("GET", "/repos/acme/../other", False),
+    ("GET", "/repos/acme/%2e%2e/other", False),
+    ("GET", "/users", False),
+])
+def test_request_rule(method, path, allowed):
+    d = rules_policy().decide("API.github.com.", method, path)
+    assert d.allowed is allowed
+    if allowed:
+        assert d.rule == str(GH) and "GET,HEAD" in d.rule and "/repos/acme/*" in d.rule
+    else:
+        # Not a deny rule: the 403 page must not call it one.
+        assert d.rule is None
+
+
+def test_request_rule_reasons_name_the_failing_part():
+    p = rules_policy()
+    assert "POST is not allowed" in p.decide("api.github.com", "POST", "/user").reason
+    assert "path is not allowed" in p.decide("api.github.com", "GET", "/x").reason
+    assert "ambiguous" in p.decide("api.github.com", "GET", "/repos/acme/%252e").reason
+    # An agent-chosen method is not quoted unless it is a plain token.
+    assert "\n" not in p.decide("api.github.com", "G\nET", "/user").reason
+
+
+def test_host_level_question_with_rules_is_possibly_allowed():
+    p = rules_policy()
+    d = p.decide("api.github.com")
+    assert d.allowed and "some requests" in d.reason
+    assert p.decide("api.github.com", "GET").allowed
+    assert not p.decide("api.github.com", "DELETE").allowed
+    assert not p.decide("github.com").allowed
+
+
+def test_plain_allow_wins_over_rules_and_deny_wins_over_both():
+    assert rules_policy(allow=["api.github.com"]).decide("api.github.com", "POST", "/x").allowed
+    d = rules_policy(deny=["*.github.com"]).decide("api.github.com", "GET", "/user")
+    assert not d.allowed and d.rule == "*.github.com"
+    assert not rules_policy(deny=["api.github.com"]).decide("api.github.com").allowed
+
+
+def test_rules_without_methods_or_paths_mean_any():
+    any_method = RequestRule.parse("a.test", None, ["/v1/*"])
+    any_path = RequestRule.parse("b.test", ["POST"], None)
+    p = rules_policy(rules=[any_method, any_path])
+    assert p.decide("a.test", "PATCH", "/v1/x").allowed
+    assert not p.decide("a.test", "PATCH", "/v2").allowed
+    assert p.decide("b.test", "POST", "/anything/../at/all").allowed
+    assert not p.decide("b.test", "GET", "/").allowed
+
+
+def test_wildcard_rule_host():
+    p = rules_policy(rules=[RequestRule.parse("*.example.com", ["GET"], None)])
+    assert p.decide("a.b.example.com", "GET", "/").allowed
+    assert not p.decide("badexample.com", "GET", "/").allowed
+
+
+@pytest.mark.parametrize(("host", "methods", "paths"), [
+    ("*", None, None), ("a.test", ["CONNECT"], None), ("a.test", ["G ET"], None),
+    ("a.test", [""], None), ("a.test", None, ["no-slash"]), ("a.test", None, ["/a/../b"]),
+])
+def test_request_rule_parse_errors(host, methods, paths):
+    with pytest.raises(ValueError):
+        RequestRule.parse(host, methods, paths)
+
+
+def test_parse_method():
+    assert parse_method(" patch ") == "PATCH"
+    with pytest.raises(ValueError, match="never allowed"):
+        parse_method("connect")
+
+
+# --- discover mode ----------------------------------------------------------------------------
+
+def test_discover_allows_everything_and_says_what_enforce_would_do():
+    p = rules_policy(allow=["a.test"], deny=["bad.test"], mode=DISCOVER)
+    for host, method, path, would in [
+        ("a.test", "GET", "/", "allow"), ("other.test", None, None, "deny"),
+        ("bad.test", "GET", "/", "deny"), ("api.github.com", "POST", "/repos/acme/x", "deny"),
+        ("api.github.com", "GET", "/user", "allow"),
+    ]:
+        d = p.decide(host, method, path)
+        assert d.allowed and d.mode == DISCOVER and d.would_action == would, (host, d)
+        assert d.would == rules_policy(allow=["a.test"], deny=["bad.test"]).decide(
+            host, method, path)
+    assert "discover" in p.decide("other.test").reason
+
+
+def test_enforce_mode_decisions_carry_no_would():
+    d = rules_policy().decide("other.test")
+    assert d.mode == "enforce" and d.would is None and d.would_action == "deny"
+
+
+def test_discover_never_relaxes_a_final_decision():
+    class Final(Policy):
+        def _enforce(self, host, method, path):
+            return Decision(False, None, "a private address", final=True)
+
+    p = Final(instance="x", mode=DISCOVER)
+    d = p.decide("10.0.0.1")
+    assert not d.allowed and d.mode == DISCOVER and d.would_action == "deny"
+
+
+# --- headers ----------------------------------------------------------------------------------
+
+def test_headers_for_matching_hosts_later_rules_win():
+    p = rules_policy(headers=[
+        HeaderRule.parse("*.example.com", {"X-Org": "acme", "X-Env": "prod"}),
+        HeaderRule.parse("api.example.com", {"x-org": "acme-api"}),
+    ])
+    assert p.headers_for("API.example.com") == [("x-org", "acme-api"), ("X-Env", "prod")]
+    assert p.headers_for("example.com") == [("X-Org", "acme"), ("X-Env", "prod")]
+    assert p.headers_for("other.test") == []
+    assert p.headers_for("not a host") == []
+
+
+@pytest.mark.parametrize(("name", "value", "problem"), [
+    ("X-Org", "acme", None),
+    ("X Org", "acme", "not a valid header name"),
+    ("Host", "evil.test", "names its host"),
+    ("Transfer-Encoding", "chunked", "frames"),
+    ("content-length", "0", "frames"),
+    ("X-Org", "a\r\nX-Evil: 1", "line break"),
+    ("X-Org", "é", "non-ASCII"),
+])
+def test_header_problem(name, value, problem):
+    got = header_problem(name, value)
+    assert (got is None) if problem is None else (problem in got)
+
+
+def test_round_trip_with_rules_mode_and_headers():
+    p = rules_policy(allow=["a.test"], mode=DISCOVER, rules=[GH, RequestRule.parse("b.test")],
+                     headers=[HeaderRule.parse("a.test", {"X-Org": "acme"})])
+    d = json.loads(json.dumps(p.to_dict()))
+    assert d["rules"][0] == {"host": "api.github.com", "methods": ["GET", "HEAD"],
+                             "paths": ["/repos/acme/*", "/user"]}
+    assert d["rules"][1] == {"host": "b.test", "methods": None, "paths": None}
+    assert d["mode"] == "discover" and d["headers"] == [{"host": "a.test",
+                                                         "set": [["X-Org", "acme"]]}]
+    assert Policy.from_dict(d) == p
+
+
+@pytest.mark.parametrize("doc", [
+    _with(mode="learn"), _with(mode=None), _with(rules={}), _with(rules=["a.test"]),
+    _with(rules=[{"host": "a.test", "methods": None}]),
+    _with(rules=[{"host": "a.test", "methods": [], "paths": None}]),
+    _with(rules=[{"host": "a.test", "methods": ["CONNECT"], "paths": None}]),
+    _with(rules=[{"host": "a.test", "methods": None, "paths": ["x"], "port": 22}]),
+    _with(headers={"a.test": {}}), _with(headers=[{"host": "a.test", "set": [["Host", "x"]]}]),
+    _with(headers=[{"host": "a.test", "set": [["X-A"]]}]),
+])
+def test_from_dict_is_strict_about_rules_mode_and_headers(doc):
+    with pytest.raises(ValueError):
+        Policy.from_dict(doc)

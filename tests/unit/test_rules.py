@@ -450,3 +450,43 @@ def test_chain_prefix():
     assert rules.chain_prefix("deadbeef") == "PANO-DEADBEEF-"
     with pytest.raises(RuleError):
         rules.chain_prefix("PANO-X")
+
+
+# -- port rules and operator networks (destinations.py, addresses.py) --------------------
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tcp_rule_ports_are_redirected_and_let_out_for_the_proxy_only(family):
+    rs = jail(family, tcp_ports=[2222, 22, 22])
+    nat = lines(rs, "nat", "OUTPUT")
+    assert nat[-3:] == [
+        f"-A OUTPUT -p tcp -m tcp --dport {p} -j REDIRECT --to-ports {T}" for p in (443, 22, 2222)]
+    out = lines(rs, "filter", "OUTPUT")
+    for p in (22, 2222):
+        accept = index(rs, "filter", "OUTPUT", f"{UID} -m tcp --dport {p} -j ACCEPT")
+        # After every blocked range: an allowed port never opens a private address.
+        assert accept > max(i for i, line in enumerate(out) if "-d 10.0.0.0/8" in line
+                            or "-d fc00::/7" in line)
+    hs = host(family, tcp_ports=[22])
+    assert "-A PANO-0A1B2C3D-FWD -i pnh-0a1b2c3d -p tcp -m tcp --dport 22 -j ACCEPT" in lines(
+        hs, "filter", "PANO-0A1B2C3D-FWD")
+    assert jail(family).describe() == jail(family, tcp_ports=()).describe()
+
+
+@pytest.mark.parametrize("port", [53, 80, 443, 0, 70000])
+def test_tcp_rule_ports_exclude_what_is_handled_already(port):
+    with pytest.raises(RuleError):
+        jail(4, tcp_ports=[port])
+    with pytest.raises(RuleError):
+        host(4, tcp_ports=[port])
+
+
+def test_an_operator_network_is_cut_out_of_the_blocked_ranges_at_both_ends():
+    from panopticond.addresses import blocked_networks, parse_network
+
+    blocked = blocked_networks(4, [parse_network("10.99.0.0/24")],
+                               [ipaddress.ip_network("203.0.113.2/32")])
+    for rs, chain in ((jail(4, blocked_ranges=blocked), "OUTPUT"),
+                      (host(4, blocked_ranges=blocked), "PANO-0A1B2C3D-FWD")):
+        text = "\n".join(lines(rs, "filter", chain))
+        assert "-d 10.99.0.0/24" not in text and "-d 10.99.1.0/24" in text
+        assert "-d 203.0.113.2/32" in text and "-d 10.0.0.0/8" not in text

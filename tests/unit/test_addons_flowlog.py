@@ -5,24 +5,12 @@ import re
 import stat
 
 import pytest
-from mitmproxy import dns, http
+from mitmproxy import dns, exceptions, http, tls
 from mitmproxy.test import taddons, tflow, tutils
 
 from panopticond.addons import verdict
+from panopticond.addons import flowlog as flowlog_mod
 from panopticond.addons.flowlog import FlowLog
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 @pytest.fixture
@@ -31,12 +19,13 @@ def log_path(tmp_path):
 
 
 @pytest.fixture
-def flowlog(log_path, clock):
+def flowlog(log_path):
     old = os.umask(0o022)
-    fl = FlowLog(clock=clock)
+    fl = FlowLog(reserve_bytes=0)
     try:
         with taddons.context(fl) as tctx:
-            tctx.configure(fl, panopticon_log=str(log_path), panopticon_instance="openclaw")
+            tctx.configure(fl, panopticon_log=str(log_path), panopticon_instance="openclaw",
+                           panopticon_log_status=str(log_path.with_name("status.json")))
             yield fl
     finally:
         os.umask(old)
@@ -65,6 +54,7 @@ def test_line_fields(flowlog, log_path):
     flowlog.response(http_flow())
     (rec,) = lines(log_path)
     assert rec == {
+        "schema": 1,
         "time": "2023-11-14T22:13:20.123Z",
         "kind": "http",
         "instance": "openclaw",
@@ -178,10 +168,10 @@ def test_no_log_configured_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unwritable_log_denies_until_it_works_again(tmp_path, clock, caplog):
+def test_unwritable_log_denies_until_it_works_again(tmp_path, caplog):
     missing_dir = tmp_path / "gone"
     path = missing_dir / "requests.jsonl"
-    fl = FlowLog(clock=clock)
+    fl = FlowLog(reserve_bytes=0)
     with taddons.context(fl) as tctx, caplog.at_level(logging.ERROR):
         tctx.configure(fl, panopticon_log=str(path))
         assert fl.broken
@@ -213,22 +203,124 @@ def test_unwritable_log_denies_until_it_works_again(tmp_path, clock, caplog):
     assert len(lines(path)) == 1
 
 
-def test_write_failure_is_logged_and_does_not_raise(flowlog, log_path, caplog, monkeypatch):
-    def enospc(fd, data):
-        raise OSError(28, "No space left on device")
+def test_disk_full_is_logged_reported_and_denies(tmp_path, caplog):
+    # /dev/full fails every write with ENOSPC, as a full disk does.
+    status = tmp_path / "status.json"
+    fl = FlowLog(reserve_bytes=0)
+    with taddons.context(fl) as tctx, caplog.at_level(logging.ERROR):
+        tctx.configure(fl, panopticon_log="/dev/full", panopticon_log_status=str(status))
+        assert json.loads(status.read_text())["ok"] is True
+        fl.response(http_flow())
+        assert fl.broken and "No space left" in fl.broken
+        assert any("No space left" in r.getMessage() for r in caplog.records)
+        f = http_flow()
+        f.response = None
+        fl.requestheaders(f)
+        assert f.response.status_code == 503 and not verdict.is_allowed(f)
+        doc = json.loads(status.read_text())
+        assert doc["ok"] is False and "No space left" in doc["error"]
+        assert doc["log"] == "/dev/full" and doc["schema"] == 1
+        assert stat.S_IMODE(os.stat(status).st_mode) == 0o640
 
-    monkeypatch.setattr(os, "write", enospc)
-    with caplog.at_level(logging.ERROR):
-        flowlog.response(http_flow())
-    assert flowlog.broken and "No space left" in flowlog.broken
-    assert any("No space left" in r.getMessage() for r in caplog.records)
+
+def test_low_space_denies_before_the_disk_is_full(log_path, caplog):
+    # Checked before each request: the first request after the disk fills is refused
+    # too, not let through and then found unloggable.
+    status = log_path.with_name("status.json")
+    fl = FlowLog(reserve_bytes=2**62)  # more than any file system has
+    with taddons.context(fl) as tctx, caplog.at_level(logging.ERROR):
+        tctx.configure(fl, panopticon_log=str(log_path), panopticon_log_status=str(status))
+        f = http_flow()
+        f.response = None
+        fl.requestheaders(f)
+        assert f.response.status_code == 503
+        fl.response(f)  # the denial itself is still logged, from the reserve
+        assert lines(log_path)[0]["reason"] == "the request log is unavailable"
+        q = tflow.tdnsflow()
+        fl.dns_request(q)
+        assert q.response.response_code == dns.response_codes.REFUSED
+        t = tflow.ttcpflow()
+        verdict.record(t, allowed=True, reason="passthrough", host="pinned.example", by="x")
+        fl.tcp_start(t)  # a relay the policy allowed waits for the log too
+        assert verdict.get(t)["decision"] == "deny" and t.error
+        doc = json.loads(status.read_text())
+        assert doc["ok"] is False and "bytes left" in doc["error"]
+        fl.reserve_bytes = 0
+        g = http_flow()
+        g.response = None
+        fl.requestheaders(g)
+        assert g.response is None
+        assert json.loads(status.read_text())["ok"] is True
 
 
-def test_reopens_after_rotation(flowlog, log_path, clock):
+def test_reopens_after_external_rotation(flowlog, log_path):
     flowlog.response(http_flow())
     rotated = log_path.with_name("requests.jsonl.1")
     log_path.rename(rotated)
-    clock.now += 2
     flowlog.response(http_flow())
     assert len(lines(rotated)) == 1
     assert len(lines(log_path)) == 1
+
+
+def test_rotates_by_size(log_path):
+    fl = FlowLog(reserve_bytes=0)
+    with taddons.context(fl) as tctx:
+        tctx.configure(fl, panopticon_log=str(log_path), panopticon_log_max_bytes=1024,
+                       panopticon_log_keep=2)
+        for _ in range(20):
+            fl.response(http_flow())
+    files = sorted(log_path.parent.glob("requests.jsonl*"))
+    assert [f.name for f in files] == ["requests.jsonl", "requests.jsonl.1", "requests.jsonl.2"]
+    for f in files:
+        assert f.stat().st_size <= 1024
+        assert all(r["kind"] == "http" for r in lines(f))
+
+
+def test_bad_rotation_options_are_refused(log_path):
+    fl = FlowLog()
+    with taddons.context(fl) as tctx:
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(fl, panopticon_log_keep=0)
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(fl, panopticon_log_max_bytes=-1)
+
+
+def test_write_record_for_other_addons(flowlog, log_path):
+    assert flowlog_mod.write_record({"kind": "tripwire", "secret": "OPENAI",
+                                     "host": "evil.example", "decision": "deny",
+                                     "reason": "placeholder of OPENAI sent to evil.example"})
+    assert flowlog.write_record({"kind": "tripwire", "time": "2024-01-01T00:00:00.000Z"})
+    assert not flowlog.write_record({"no": "kind"})
+    a, b = lines(log_path)
+    assert list(a)[:4] == ["schema", "time", "kind", "instance"]
+    assert a["schema"] == 1 and a["instance"] == "openclaw" and a["secret"] == "OPENAI"
+    assert b["time"] == "2024-01-01T00:00:00.000Z"
+
+
+def test_write_record_without_a_running_log(caplog, monkeypatch):
+    monkeypatch.setattr(flowlog_mod, "_active", None)  # as before the proxy configured one
+    with caplog.at_level(logging.ERROR):
+        assert not flowlog_mod.write_record({"kind": "tripwire"})
+
+
+def test_annotate_adds_fields_but_never_replaces_core_ones(flowlog, log_path):
+    f = http_flow()
+    flowlog_mod.annotate(f, secrets=["OPENAI"], decision="allow-forged")
+    flowlog_mod.annotate(f, mode="discover")
+    f2 = http_flow(allowed=False)
+    flowlog_mod.annotate(f2, decision="allow")
+    flowlog.response(f)
+    flowlog.response(f2)
+    a, b = lines(log_path)
+    assert a["secrets"] == ["OPENAI"] and a["mode"] == "discover" and a["decision"] == "allow"
+    assert b["decision"] == "deny"
+
+
+def test_failed_tls_handshake_is_logged(flowlog, log_path):
+    client = tflow.tclient_conn()
+    client.sni = "pinned.example"
+    client.error = "Client TLS handshake failed: certificate unknown"
+    flowlog.tls_failed_client(tls.TlsData(client, context=None))
+    (rec,) = lines(log_path)
+    assert rec["kind"] == "tls" and rec["host"] == "pinned.example"
+    assert rec["decision"] == "none" and "certificate unknown" in rec["error"]

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__
@@ -60,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     cfg = _load_config(args.config, required=False)
     ag = config.agent_config(cfg, args.agent, allow=tuple(args.allow), deny=tuple(args.deny),
-                             user=args.user)
+                             user=args.user, mode=args.mode)
     if not cmd:
         cmd = list(ag.command)
     if not cmd:
@@ -77,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     user = agentmod.resolve_user(ag.user, os.environ, proxy_uid=pu.uid, proxy_gid=pu.gid)
     extra_env = _parse_env(args.env)
     inst = Instance(cfg, ag, log_path=args.log, allow_hint=config.allow_hint(cfg, ag))
+    started = time.time()
     try:
         inst.start()
         log.info("jail %s ready in %.0f ms; agent runs as %s", inst.names.netns,
@@ -86,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         rc = inst.run_agent(cmd, user, extra_env)
     finally:
         inst.stop()
-    _print_summary(inst.summary(), args.agent)
+    _print_summary(inst, started, args.agent, default_log=args.log is None)
     return rc
 
 
@@ -109,15 +111,11 @@ def _parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def _print_summary(s: dict, agent: str | None) -> None:
-    hosts = s["blocked_hosts"]
-    line = f"panopticon: {s['allowed']} allowed, {s['blocked']} blocked"
-    if hosts:
-        top = sorted(hosts, key=lambda h: -hosts[h])
-        line += " (" + ", ".join(top[:5]) + (", ..." if len(top) > 5 else "") + ")"
-        flags = " ".join(f"--allow {h}" for h in top[:5])
-        line += f"; to allow: {flags}"
-    print(line, file=sys.stderr)
+def _print_summary(inst, started: float, agent: str | None, *, default_log: bool) -> None:
+    from .logcli import print_run_summary
+
+    key = f"allow of [agents.{agent}]" if agent else "allow of [defaults]"
+    print_run_summary(inst.log_path, inst.names.instance, started, key, default_log)
 
 
 # -- check ------------------------------------------------------------------------
@@ -134,6 +132,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             "command": list(ag.command), "user": ag.user,
             "allow": list(ag.allow), "deny": list(ag.deny),
             "ca": ag.ca.mode if ag.ca.mode != "custom" else {"cert": ag.ca.cert, "key": ag.ca.key},
+            "rules": [str(r) for r in ag.rules],
+            "headers": {str(h.host): [n for n, _ in h.headers] for h in ag.headers},
+            "addons": list(ag.addons), "mode": ag.mode,
+            "secrets": _secrets_checked(ag), "dlp": ag.dlp,
+            "inbound": {r.name: r.to_dict() for r in ag.inbound},
         }
         if args.plan:
             entry["plan"] = _plan(cfg, ag)
@@ -149,6 +152,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  allow:   {', '.join(e['allow']) or '(nothing)'}")
         print(f"  deny:    {', '.join(e['deny']) or '(nothing)'}")
         print(f"  ca:      {e['ca']}")
+        for route, r in e["inbound"].items():
+            print(f"  inbound: {route}: {r['listen']} -> {r['to']} in the jail, tls "
+                  f"{r['tls'] if isinstance(r['tls'], str) else 'own certificate'}, from "
+                  f"{', '.join(r['allow_from'])}{', websocket' if r['websocket'] else ''}")
+        for r in e["rules"]:
+            print(f"  rule:    {r}")
+        for host, names in e["headers"].items():
+            print(f"  headers: {host}: {', '.join(names)}")
+        for a in e["addons"]:
+            print(f"  addon:   {a}")
+        if e["mode"] != "enforce":
+            print(f"  mode:    {e['mode']}")
+        for sec in e["secrets"]:
+            print(f"  secret:  {sec['name']} -> {', '.join(sec['domains'])} "
+                  f"({sec['source']} {sec[sec['source']]}: {sec['status']})")
+        if e["dlp"] != "block":
+            print(f"  dlp:     {e['dlp']}")
         if args.plan:
             p = e["plan"]
             print(f"  netns {p['netns']}, veth {p['veth_host']} <-> {p['veth_jail']}")
@@ -167,9 +187,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secrets_checked(ag) -> list[dict]:
+    """The agent's secrets, each source read and checked as at start (as root; a bad one
+    is a ConfigError with file:line:key), the values never shown."""
+    from . import secretsource
+
+    if not ag.secrets:
+        return []
+    status = "not read: run check as root"
+    if os.geteuid() == 0:
+        secretsource.load(ag.secrets)
+        status = "ok"
+    return [{**s.to_dict(), "status": status} for s in ag.secrets]
+
+
 def _plan(cfg, ag) -> dict:
     """What a start would do, computed without touching anything."""
-    from . import netns, plan, rules
+    from . import inbound, netns, plan, rules
     from .instance import Instance, ProxyUser
 
     inst = Instance.__new__(Instance)
@@ -192,7 +226,7 @@ def _plan(cfg, ag) -> dict:
         dns = [f"(error: {e})"]
     good_dns = [d for d in dns if not d.startswith("(")]
     jail, host = Instance.rulesets(inst, good_dns)
-    from . import ca
+    from . import ca, logread
     from .proxy import ProxySpec
 
     spec = ProxySpec(
@@ -200,6 +234,10 @@ def _plan(cfg, ag) -> dict:
         confdir=ca.confdir_for(inst.names, ag.ca), policy_path=f"{inst.names.run_dir}/policy.json",
         log_path=f"{inst.names.log_dir}/requests.jsonl", dns_servers=tuple(good_dns),
         ipv6=cfg.network.ipv6, upstream_ca=cfg.network.upstream_ca or None,
+        log_max_bytes=ag.log_max_bytes, log_keep=ag.log_keep,
+        log_status=logread.status_path(inst.names.run_dir),
+        inbound_modes=tuple(inbound.proxy_modes(inbound.plan(ag.inbound, ipv6=cfg.network.ipv6))),
+        inbound_path=f"{inst.names.run_dir}/inbound.json" if ag.inbound else "",
     )
     a = inst.addressing
     out = {
@@ -242,10 +280,9 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     from urllib.parse import urlsplit
 
     from . import config
-    from .policy import Policy
 
     cfg = _load_config(args.config, required=args.config is not None)
-    ag = config.agent_config(cfg, args.agent)
+    ag = config.agent_config(cfg, args.agent, mode=args.mode)
     if len(args.target) == 2:
         method, url = args.target
     elif len(args.target) == 1:
@@ -261,11 +298,19 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         raise PanopticonError(f"not a URL: {url!r} ({e})", status=ExitStatus.USAGE) from None
     if not parts.hostname:
         raise PanopticonError(f"no host in {url!r}", status=ExitStatus.USAGE)
-    pol = Policy.build(ag.name, ag.allow, ag.deny)
-    d = pol.decide(parts.hostname)
+    method = method.upper()
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    d = config.policy_of(ag).decide(parts.hostname, method, target)
     verdict = "ALLOW" if d.allowed else "DENY"
+    if d.would is not None and d.would.allowed != d.allowed:
+        verdict += f" (discover mode; enforce would {d.would_action.upper()})"
     rule = d.rule or "(default deny)"
-    print(f"{verdict} {method.upper()} {url}\n  rule: {rule}\n  why:  {d.reason}")
+    print(f"{verdict} {method} {url}\n  rule: {rule}\n  why:  {d.reason}")
+    if any(r.paths is not None for r in ag.rules):
+        from .paths import RequestPath
+
+        shown = RequestPath.of(target).path
+        print(f"  path: {shown if shown is not None else '(invalid or ambiguous)'}")
     return 0 if d.allowed else 1
 
 
@@ -310,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow", action="append", default=[], metavar="HOST",
                    help="also allow HOST (exact, or *.domain for it and its subdomains)")
     r.add_argument("--deny", action="append", default=[], metavar="HOST")
+    r.add_argument("--mode", choices=("enforce", "discover"),
+                   help="discover: allow everything, log what enforce would decide")
     r.add_argument("--user", metavar="USER", help="run CMD as USER (default: the sudo caller)")
     r.add_argument("--log", metavar="FILE", help="request log (JSON lines)")
     r.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
@@ -336,8 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt = posub.add_parser("test", help="would this request be allowed? (no root, no jail)")
     common(pt)
     pt.add_argument("--agent", metavar="NAME")
+    pt.add_argument("--mode", choices=("enforce", "discover"),
+                    help="judge in this mode instead of the configured one")
     pt.add_argument("target", nargs="+", metavar="[METHOD] URL")
     pt.set_defaults(func=cmd_policy_test)
+
+    from .logcli import add_parsers as add_log_parsers
+
+    add_log_parsers(sub, posub, common)
 
     d = sub.add_parser("demo", help="the jail against a built-in simulated internet")
     common(d, config=False)
@@ -363,18 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def daemon_main(argv: Sequence[str] | None = None) -> int:
-    """`panopticond NAME`: the jail of [agents.NAME], in the foreground, until its agent ends.
+    """`panopticond NAME`: the supervised jail of [agents.NAME] (daemon.py)."""
+    from .daemon import main as daemon
 
-    The systemd form (notify, health, reload, supervision) builds on this.
-    """
-    p = argparse.ArgumentParser(prog="panopticond")
-    p.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG)
-    p.add_argument("-v", "--verbose", action="count", default=1)
-    p.add_argument("--debug", action="store_true")
-    p.add_argument("name")
-    a = p.parse_args(argv)
-    return main(["--debug"] * a.debug + ["run"] + ["-v"] * a.verbose
-                + ["--config", a.config, "--agent", a.name])
+    return daemon(argv)
 
 
 if __name__ == "__main__":

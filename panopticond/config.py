@@ -12,10 +12,22 @@ An empty file is valid and means "no agents, and the ad-hoc agent may reach noth
 Schema (built-in defaults in parentheses)::
 
     [defaults]                 # every agent starts from these
-    allow = [...]              # host patterns ([])
+    allow = [...]              # host patterns, or method/path rules ([]):
+                               #   { host = "api.x", methods = ["GET"], paths = ["/a/*"] }
+                               #   { host = "github.com", port = 22 }: raw TCP (destinations.py)
     deny = [...]               # host patterns, win over allow ([])
+    allow_cidrs = [...]        # addresses reachable by IP literal, even private ones ([])
+    passthrough = [...]        # host patterns whose TLS is relayed undecrypted ([])
+    headers = { "host pattern" = { "X-Name" = "value" } }   # set on allowed requests ({})
+    addons = ["/abs/addon.py"] # operator mitmproxy addons, root-owned ([])
+    mode = "enforce" | "discover"   # discover: allow all, log what enforce would do ("enforce")
     user = "name"              # user the agent runs as (none: the CLI decides)
     ca = "persistent" | "ephemeral" | { cert = "/abs", key = "/abs" }   ("persistent")
+    log_max_bytes = N          # rotate the request log past N bytes; 0: never (64 MiB)
+    log_keep = N               # rotated request logs kept, 1-1000 (7)
+    dlp = "block" | "log"      # credential shapes in requests ("block"); secretconfig.py
+    [defaults.dlp_patterns]    # name = "regex" adds a DLP rule, name = "" drops a built-in
+    [defaults.secrets.NAME]    # domains, file|env|credential, placeholder, env_name, ...
     [network]
     ipv4_pool = "10.231.0.0/16"          # one /29 per instance is carved from it
     ipv6_pool = "fd7a:7c1d:5e2b::/48"    # one /64 per instance
@@ -24,12 +36,24 @@ Schema (built-in defaults in parentheses)::
     upstream_ca = ""                     # extra CA bundle the proxy trusts upstream
     [proxy]
     user = "panopticon-proxy"
+    [webhook]                  # optional: alerts, POSTed by the daemon from the host
+    url = "https://..."        # http or https
+    events = ["block", "tripwire", "health"]   (all three)
+    secret_file = "/abs"       # optional: key of an HMAC-SHA256 signature header
     [agents.NAME]              # NAME: [a-z0-9][a-z0-9_-]{0,31}
     command = ["argv0", ...]
     user = "name"              # replaces defaults.user
     allow = [...]              # added to defaults.allow
     deny = [...]               # added to defaults.deny
+    allow_cidrs, passthrough   # added to the defaults'
+    headers, addons            # added to the defaults' (an agent's header wins)
+    mode                       # replaces defaults.mode
     ca = ...                   # replaces defaults.ca
+    log_max_bytes, log_keep    # replace the defaults'
+    health = "127.0.0.1:9180"  # panopticond's /healthz: loopback, one port per agent (none)
+    dlp, dlp_patterns, secrets # replace, merge over, and add to the defaults' (by name)
+    [agents.NAME.inbound.ROUTE]  # a way in to the agent's own service (inbound.py)
+    listen = "*:443"  to = 8443  allow_from = [...]  tls  websocket  block_patterns
 
 tomllib reports no positions for values, so errors are located afterwards by `_Locator`,
 a small scanner over the (already valid) TOML text; it is consulted only on failure, so
@@ -54,8 +78,16 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef, import-not-found]
 
+from panopticond import destconfig, destinations, inbound, secretconfig
 from panopticond.errors import ConfigError
-from panopticond.policy import HostPattern
+from panopticond.policy import (
+    MODES,
+    HeaderRule,
+    HostPattern,
+    Policy,
+    RequestRule,
+    header_problem,
+)
 
 DEFAULT_PATH = "/etc/panopticon/config.toml"
 ADHOC_NAME = "run"  # the agent of `panopticon run` without --agent
@@ -78,12 +110,21 @@ _USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]{0,31}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _SCALAR = re.compile(r"[^,\]}\n#]*")  # numbers, booleans, dates (which may hold a space)
 
-_TOP_KEYS = ("defaults", "network", "proxy", "agents")
-_DEFAULTS_KEYS = ("allow", "deny", "user", "ca")
+_TOP_KEYS = ("defaults", "network", "proxy", "agents", "webhook")
+_DEFAULTS_KEYS = ("allow", "deny", "user", "ca", "log_max_bytes", "log_keep", "headers",
+                  "addons", "mode", *secretconfig.KEYS, *destconfig.KEYS)
 _NETWORK_KEYS = ("ipv4_pool", "ipv6_pool", "ipv6", "dns_servers", "upstream_ca")
 _PROXY_KEYS = ("user",)
-_AGENT_KEYS = ("command", "user", "allow", "deny", "ca")
+_AGENT_KEYS = ("command", "user", "allow", "deny", "ca", "log_max_bytes", "log_keep", "health",
+               "headers", "addons", "mode", "inbound", *secretconfig.KEYS, *destconfig.KEYS)
 _CA_MODES = ("persistent", "ephemeral")
+_WEBHOOK_KEYS = ("url", "events", "secret_file")
+WEBHOOK_EVENTS = ("block", "tripwire", "health")
+
+DEFAULT_LOG_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_LOG_KEEP = 7
+MIN_LOG_MAX_BYTES = 1024  # below, a unit was forgotten ("50" meant megabytes)
+MAX_LOG_KEEP = 1000
 
 Path = tuple[str | int, ...]
 
@@ -133,6 +174,31 @@ class AgentConfig:
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
     ca: CASpec = CASpec()
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES  # 0: never rotate
+    log_keep: int = DEFAULT_LOG_KEEP
+    health: tuple[str, int] | None = None  # (loopback address, port) of panopticond's /healthz
+    rules: tuple[RequestRule, ...] = ()  # the method/path tables of `allow`
+    headers: tuple[HeaderRule, ...] = ()  # in order; a later one wins for the same header
+    addons: tuple[str, ...] = ()  # absolute paths of operator addon scripts
+    mode: str = "enforce"
+    inbound: tuple[inbound.Route, ...] = ()  # [agents.NAME.inbound.*] only, never [defaults]
+    # secretconfig.py: where each secret's value comes from (never the value), DLP.
+    secrets: tuple[secretconfig.SecretSpec, ...] = ()
+    dlp: str = "block"
+    dlp_patterns: tuple[tuple[str, str], ...] = ()  # (name, regex); "" switches a built-in off
+    # destconfig.py: canonical CIDRs, passthrough patterns, (host pattern, port) rules.
+    allow_cidrs: tuple[str, ...] = ()
+    passthrough: tuple[str, ...] = ()
+    ports: tuple[tuple[str, int], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookConfig:
+    """Where the daemon POSTs alerts; `secret_file` holds the HMAC key (read at start)."""
+
+    url: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    secret_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +208,7 @@ class Config:
     proxy: ProxyConfig
     defaults: AgentConfig  # named ADHOC_NAME: it is what `panopticon run` gets
     agents: Mapping[str, AgentConfig]  # read-only, in file order
+    webhook: WebhookConfig | None = None
 
 
 # --- public functions --------------------------------------------------------------------
@@ -191,11 +258,12 @@ def agent_config(
     allow: Iterable[str] = (),
     deny: Iterable[str] = (),
     user: str | None = None,
+    mode: str | None = None,
 ) -> AgentConfig:
     """The effective config of agent `name`, or of the ad-hoc agent (`ADHOC_NAME`) if None.
 
     `allow`/`deny` (from --allow/--deny) are added after the config's own patterns and
-    validated like them; `user` (from --user) replaces the configured user.
+    validated like them; `user` (from --user) and `mode` (--mode) replace the configured.
     """
     if name is None:
         base = cfg.defaults
@@ -220,7 +288,15 @@ def agent_config(
         allow=_dedupe(base.allow + extra_allow),
         deny=_dedupe(base.deny + extra_deny),
         user=user if user is not None else base.user,
+        mode=_flag_mode(mode) if mode is not None else base.mode,
     )
+
+
+def policy_of(agent: AgentConfig, instance: str | None = None, hint: str = "") -> Policy:
+    """The policy `agent` is judged by (what the proxy gets, compiled), named `instance`."""
+    return Policy.build(instance or agent.name, agent.allow, agent.deny, hint,
+                        rules=agent.rules, mode=agent.mode, headers=agent.headers,
+                        destinations=destinations.of_agent(agent))
 
 
 def allow_hint(cfg: Config, agent: AgentConfig) -> str:
@@ -244,6 +320,22 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             "allow": list(a.allow),
             "deny": list(a.deny),
             "ca": {"mode": a.ca.mode, "cert": a.ca.cert, "key": a.ca.key},
+            "rules": [r.to_dict() for r in a.rules],
+            # Names only: a header's value may be a credential.
+            "headers": [{"host": str(h.host), "names": [n for n, _ in h.headers]}
+                        for h in a.headers],
+            "addons": list(a.addons),
+            "mode": a.mode,
+            "log_max_bytes": a.log_max_bytes,
+            "log_keep": a.log_keep,
+            "health": f"{_host_port(*a.health)}" if a.health else None,
+            "inbound": {r.name: r.to_dict() for r in a.inbound},
+            "secrets": {s.name: s.to_dict() for s in a.secrets},  # sources, never values
+            "dlp": a.dlp,
+            "dlp_patterns": dict(a.dlp_patterns),
+            "allow_cidrs": list(a.allow_cidrs),
+            "passthrough": list(a.passthrough),
+            "ports": [{"host": h, "port": port} for h, port in a.ports],
         }
 
     n = cfg.network
@@ -257,6 +349,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             "upstream_ca": n.upstream_ca,
         },
         "proxy": {"user": cfg.proxy.user},
+        "webhook": None if cfg.webhook is None else {
+            "url": cfg.webhook.url, "events": list(cfg.webhook.events),
+            "secret_file": cfg.webhook.secret_file,
+        },
         "defaults": agent(cfg.defaults),
         "agents": {name: agent(a) for name, a in cfg.agents.items()},
     }
@@ -272,6 +368,12 @@ class _Checker:
         self.text = text
         self.file = file
         self._locator: _Locator | None = None
+
+    def line(self, path: Path) -> int | None:
+        """The line of `path` (for errors found later, when a secret is read)."""
+        if self._locator is None:
+            self._locator = _Locator(self.text)
+        return self._locator.line(path)
 
     def fail(self, path: Path, message: str, hint: str | None = None) -> NoReturn:
         if self._locator is None:
@@ -292,12 +394,15 @@ class _Checker:
         agents: dict[str, AgentConfig] = {}
         for name, value in agents_raw.items():
             agents[name] = self.agent(name, value, defaults, proxy.user)
+        self.distinct_health(agents)
+        self.inbound_routes(agents, network.ipv6)
         return Config(
             path=self.file,
             network=network,
             proxy=proxy,
             defaults=defaults,
             agents=types.MappingProxyType(agents),
+            webhook=self.webhook(raw["webhook"]) if "webhook" in raw else None,
         )
 
     def proxy(self, raw: Any) -> ProxyConfig:
@@ -330,9 +435,16 @@ class _Checker:
         return AgentConfig(
             name=ADHOC_NAME,
             user=self.user(t["user"], (*p, "user"), proxy_user) if "user" in t else None,
-            allow=self.patterns(t.get("allow", []), (*p, "allow")),
+            allow=self.patterns(t.get("allow", []), (*p, "allow"), tables=True),
+            rules=self.rules(t.get("allow", []), (*p, "allow")),
+            headers=self.headers(t.get("headers", {}), (*p, "headers")),
+            addons=self.addon_paths(t.get("addons", []), (*p, "addons")),
+            mode=self.mode(t["mode"], (*p, "mode")) if "mode" in t else "enforce",
             deny=self.patterns(t.get("deny", []), (*p, "deny")),
             ca=self.ca(t["ca"], (*p, "ca")) if "ca" in t else CASpec(),
+            **self.log_settings(t, p, AgentConfig(name=ADHOC_NAME)),
+            **secretconfig.agent_fields(self, t, p),
+            **destconfig.agent_fields(self, t, p),
         )
 
     def agent(self, name: str, raw: Any, defaults: AgentConfig, proxy_user: str) -> AgentConfig:
@@ -353,12 +465,98 @@ class _Checker:
             name=name,
             command=self.command(t["command"], (*p, "command")) if "command" in t else (),
             user=self.user(t["user"], (*p, "user"), proxy_user) if "user" in t else defaults.user,
-            allow=_dedupe(defaults.allow + self.patterns(t.get("allow", []), (*p, "allow"))),
+            allow=_dedupe(defaults.allow + self.patterns(t.get("allow", []), (*p, "allow"),
+                                                         tables=True)),
+            rules=_dedupe(defaults.rules + self.rules(t.get("allow", []), (*p, "allow"))),
+            headers=defaults.headers + self.headers(t.get("headers", {}), (*p, "headers")),
+            addons=_dedupe(defaults.addons
+                           + self.addon_paths(t.get("addons", []), (*p, "addons"))),
+            mode=self.mode(t["mode"], (*p, "mode")) if "mode" in t else defaults.mode,
             deny=_dedupe(defaults.deny + self.patterns(t.get("deny", []), (*p, "deny"))),
             ca=self.ca(t["ca"], (*p, "ca")) if "ca" in t else defaults.ca,
+            **self.log_settings(t, p, defaults),
+            health=self.health(t["health"], (*p, "health")) if "health" in t else None,
+            inbound=inbound.parse_routes(self, t.get("inbound", {}), (*p, "inbound")),
+            **secretconfig.agent_fields(self, t, p, defaults),
+            **destconfig.agent_fields(self, t, p, defaults),
         )
 
+    def inbound_routes(self, agents: Mapping[str, AgentConfig], ipv6: bool) -> None:
+        routes = [(("agents", a.name, "inbound", r.name, "listen"), r)
+                  for a in agents.values() for r in a.inbound]
+        inbound.check_overlaps(self, routes)
+        for path, r in routes:
+            inbound.check_ipv6(self, path, r, ipv6)
+
+    def distinct_health(self, agents: Mapping[str, AgentConfig]) -> None:
+        seen: dict[tuple[str, int], str] = {}
+        for name, a in agents.items():
+            if a.health is None:
+                continue
+            if a.health in seen:
+                self.fail(
+                    ("agents", name, "health"),
+                    f"{_host_port(*a.health)} is already the health address of agent "
+                    f"{seen[a.health]!r}",
+                    hint="give each agent a port of its own",
+                )
+            seen[a.health] = name
+
+    def log_settings(self, t: dict[str, Any], p: Path, base: AgentConfig) -> dict[str, int]:
+        return {
+            "log_max_bytes": self.integer(
+                t["log_max_bytes"], (*p, "log_max_bytes"), MIN_LOG_MAX_BYTES, None, zero=True,
+                hint="the request log's size in bytes before it is rotated, e.g. "
+                "67108864 (64 MiB); 0 never rotates",
+            ) if "log_max_bytes" in t else base.log_max_bytes,
+            "log_keep": self.integer(
+                t["log_keep"], (*p, "log_keep"), 1, MAX_LOG_KEEP,
+                hint="how many rotated request logs to keep",
+            ) if "log_keep" in t else base.log_keep,
+        }
+
+    def webhook(self, raw: Any) -> WebhookConfig:
+        p: Path = ("webhook",)
+        t = self.table(raw, p, _WEBHOOK_KEYS)
+        if "url" not in t:
+            self.fail(p, "the webhook has no 'url'", hint='url = "https://alerts.example/hook"')
+        url = self.string(t["url"], (*p, "url"))
+        if not re.fullmatch(r"(https?)://[^/?#@\s]+(?:[/?][^\s]*)?", url):
+            self.fail(
+                (*p, "url"), f"{url!r} is not an http:// or https:// URL (without user:password@)",
+                hint='url = "https://alerts.example/hook"; authenticate with secret_file',
+            )
+        events: tuple[str, ...] = WEBHOOK_EVENTS
+        if "events" in t:
+            items = self.array(t["events"], (*p, "events"))
+            for i, e in enumerate(items):
+                if self.string(e, (*p, "events", i)) not in WEBHOOK_EVENTS:
+                    self.fail(
+                        (*p, "events", i),
+                        f"unknown event {e!r}{_did_you_mean(e, WEBHOOK_EVENTS)}",
+                        hint=f"events are {', '.join(WEBHOOK_EVENTS)}",
+                    )
+            events = _dedupe(tuple(items))
+        secret_file = None
+        if "secret_file" in t:
+            path = (*p, "secret_file")
+            secret_file = self.abspath(self.string(t["secret_file"], path), path)
+        return WebhookConfig(url=url, events=events, secret_file=secret_file)
+
     # -- value kinds
+
+    def integer(
+        self, value: Any, path: Path, low: int, high: int | None, *, zero: bool = False,
+        hint: str | None = None,
+    ) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(path, f"expected an integer, got {_describe(value)}", hint=hint)
+        if not (zero and value == 0) and (value < low or (high is not None and value > high)):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            self.fail(path, f"{value} is out of range: it must be {bounds}"
+                      + (" (or 0)" if zero else ""), hint=hint)
+        return value
+
 
     def table(self, value: Any, path: Path, known: tuple[str, ...] | None) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -399,15 +597,96 @@ class _Checker:
             )
         return value
 
-    def patterns(self, value: Any, path: Path) -> tuple[str, ...]:
+    def patterns(self, value: Any, path: Path, tables: bool = False) -> tuple[str, ...]:
+        """The host patterns of an array; with `tables`, its tables are left to rules()."""
         out = []
         for i, item in enumerate(self.array(value, path)):
+            if tables and isinstance(item, dict):
+                continue
             text = self.string(item, (*path, i))
             try:
-                out.append(str(HostPattern.parse(text)))
+                pattern = HostPattern.parse(text)
             except ValueError as e:
                 self.fail((*path, i), str(e), hint=_PATTERN_HINT)
+            self.scope(pattern, path, (*path, i))
+            out.append(str(pattern))
         return _dedupe(tuple(out))
+
+    def scope(self, pattern: HostPattern, array: Path, path: Path) -> None:
+        """Refuse an allowing wildcard over a public suffix or a platform (deny may)."""
+        problem = None if array[-1] == "deny" else destconfig.scope_problem(pattern)
+        if problem:
+            self.fail(path, problem, hint=destconfig.SCOPE_HINT)
+
+    def rules(self, value: Any, path: Path) -> tuple[RequestRule, ...]:
+        """The method/path tables of an allow array (its strings are patterns())."""
+        out = []
+        for i, item in enumerate(self.array(value, path)):
+            if not isinstance(item, dict) or destconfig.is_port_rule(item):
+                continue
+            p = (*path, i)
+            t = self.table(item, p, _RULE_KEYS)
+            if "host" not in t:
+                self.fail(p, "a rule has no 'host'", hint=_RULE_HINT)
+            host = self.string(t["host"], (*p, "host"))
+            lists: dict[str, list[str] | None] = {}
+            for k in ("methods", "paths"):
+                if k not in t:
+                    lists[k] = None
+                    continue
+                items = self.array(t[k], (*p, k))
+                if not items:
+                    self.fail((*p, k), f"'{k}' is empty, so the rule would allow nothing",
+                              hint=f"leave '{k}' out to allow any")
+                lists[k] = [self.string(x, (*p, k, j)) for j, x in enumerate(items)]
+            try:
+                self.scope(HostPattern.parse(host), path, (*p, "host"))
+            except ValueError as e:
+                self.fail((*p, "host"), str(e), hint=_PATTERN_HINT)
+            for k in ("methods", "paths"):
+                for j, x in enumerate(lists[k] or ()):
+                    try:
+                        RequestRule.parse(host, [x] if k == "methods" else None,
+                                          [x] if k == "paths" else None)
+                    except ValueError as e:
+                        self.fail((*p, k, j), str(e), hint=_RULE_HINT)
+            out.append(RequestRule.parse(host, lists["methods"], lists["paths"]))
+        return _dedupe(tuple(out))
+
+    def headers(self, value: Any, path: Path) -> tuple[HeaderRule, ...]:
+        out = []
+        for host, headers in self.table(value, path, None).items():
+            p = (*path, host)
+            try:
+                HostPattern.parse(host)
+            except ValueError as e:
+                self.fail(p, str(e), hint=_PATTERN_HINT)
+            t = self.table(headers, p, None)
+            if not t:
+                self.fail(p, "no headers given", hint=_HEADERS_HINT)
+            for name, v in t.items():
+                problem = header_problem(name, self.string(v, (*p, name)))
+                if problem:
+                    self.fail((*p, name), problem, hint=_HEADERS_HINT)
+            out.append(HeaderRule.parse(host, t))
+        return tuple(out)
+
+    def addon_paths(self, value: Any, path: Path) -> tuple[str, ...]:
+        out = []
+        for i, item in enumerate(self.array(value, path)):
+            p = (*path, i)
+            text = self.abspath(self.string(item, p), p)
+            if not text.endswith(".py"):
+                self.fail(p, f"{text!r} is not a Python file (.py)", hint=_ADDONS_HINT)
+            out.append(text)
+        return _dedupe(tuple(out))
+
+    def mode(self, value: Any, path: Path) -> str:
+        text = self.string(value, path)
+        if text not in MODES:
+            self.fail(path, f"unknown mode {text!r}{_did_you_mean(text, MODES)}",
+                      hint=_MODE_HINT)
+        return text
 
     def command(self, value: Any, path: Path) -> tuple[str, ...]:
         items = self.array(value, path)
@@ -483,6 +762,24 @@ class _Checker:
                 )
         return net
 
+    def health(self, value: Any, path: Path) -> tuple[str, int]:
+        text = self.string(value, path)
+        host, sep, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            ip = ipaddress.ip_address(host) if sep else None
+        except ValueError:
+            ip = None
+        if ip is None or not port.isdigit() or not 0 < int(port) < 65536:
+            self.fail(path, f"{text!r} is not ADDRESS:PORT",
+                      hint='e.g. health = "127.0.0.1:9180" (or "[::1]:9180")')
+        if not ip.is_loopback:
+            # On loopback the jail cannot reach it (its own lo is another), nor can the LAN.
+            self.fail(path, f"{text!r} is not a loopback address",
+                      hint="use 127.0.0.1 or [::1]; put a reverse proxy in front to expose it")
+        return (str(ip), int(port))
+
     def dns_servers(self, value: Any, path: Path) -> tuple[str, ...]:
         out = []
         for i, item in enumerate(self.array(value, path)):
@@ -506,6 +803,13 @@ class _Checker:
 
 
 _PATTERN_HINT = "a host pattern is a name ('api.example.com'), '*.example.com' or an IP address"
+_RULE_KEYS = ("host", "methods", "paths")
+_RULE_HINT = ('e.g. { host = "api.github.com", methods = ["GET"], paths = ["/repos/acme/*"] }; '
+              "paths are written decoded, '*' matches anything, '/a/*' also matches '/a'")
+_HEADERS_HINT = 'e.g. headers = { "api.example.com" = { "X-Org" = "acme" } }'
+_ADDONS_HINT = 'e.g. addons = ["/etc/panopticon/addons/compliance.py"] (root-owned, not writable ' \
+    "by others)"
+_MODE_HINT = '"enforce" (the default) or "discover" (allow everything, log what enforce would do)'
 _CA_HINT = 'ca = "persistent", "ephemeral" or { cert = "/path/ca.crt", key = "/path/ca.key" }'
 
 
@@ -525,15 +829,30 @@ def _user_problem(name: str, proxy_user: str | None) -> tuple[str, str] | None:
     return None
 
 
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _flag_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}{_did_you_mean(mode, MODES)}", key="--mode",
+                          hint=_MODE_HINT)
+    return mode
+
+
 def _flag_patterns(patterns: Iterable[str], flag: str) -> tuple[str, ...]:
     if isinstance(patterns, str):
         patterns = (patterns,)
     out = []
     for text in patterns:
         try:
-            out.append(str(HostPattern.parse(text)))
+            pattern = HostPattern.parse(text)
         except ValueError as e:
             raise ConfigError(str(e), key=flag, hint=_PATTERN_HINT) from None
+        problem = destconfig.scope_problem(pattern) if flag != "--deny" else None
+        if problem:
+            raise ConfigError(problem, key=flag, hint=destconfig.SCOPE_HINT)
+        out.append(str(pattern))
     return tuple(out)
 
 

@@ -23,7 +23,9 @@ import subprocess
 import time
 
 from . import agent as agentmod
-from . import ca, firewall, netns, rules
+from . import addresses, ca, destinations, firewall, netns, rules
+from . import inbound as inbound_plan
+from . import logread, secretsource, tripwatch, trusted, webhook
 from .config import AgentConfig, Config
 from .errors import ExitStatus, PanopticonError
 from .plan import DNS_PORT, TRANSPARENT_PORT, Addressing, Names, choose_addressing
@@ -162,7 +164,13 @@ class Instance:
         self.addressing: Addressing | None = None
         self.ca_info: ca.CAInfo | None = None
         self.proxy: Proxy | None = None
+        self.heartbeat = False  # the daemon sets it: the proxy then beats (Proxy.last_beat)
+        self.planned_rules: tuple[list[rules.RuleSet], list[rules.RuleSet]] = ([], [])
         self.log_offset = 0
+        self.log_status = ""  # the proxy's report on the log (logread.status_path)
+        self.monitor: webhook.Monitor | None = None
+        self.secret_env: dict[str, str] = {}  # the agent's placeholders (secretsource.py)
+        self.tripwatch: tripwatch.TripwireWatch | None = None
         self._undo = contextlib.ExitStack()
         self.timings: dict[str, float] = {}
 
@@ -181,20 +189,40 @@ class Instance:
         """(inside the jail, on the host) for both families."""
         assert self.addressing
         a = self.addressing
+        published = inbound_plan.plan(self.agent.inbound, ipv6=self.ipv6)
+        # One list with the proxy's own address check (addresses.py, binding.py).
+        allowed = [addresses.parse_network(c) for c in self.agent.allow_cidrs]
+        dest = destinations.of_agent(self.agent)
+        tcp_ports = dest.tcp_ports if dest is not None else ()
         jail, host = [], []
         for fam in (4, 6):
             fam_dns = [d for d in dns if ipaddress.ip_address(d).version == fam]
+            blocked = addresses.blocked_networks(fam, allowed, self.never_reach())
             jail.append(rules.jail_rules(
                 fam, proxy_uid=self.proxy_user.uid, transparent_port=TRANSPARENT_PORT,
                 dns_port=DNS_PORT, dns_servers=fam_dns,
+                inbound=inbound_plan.jail_inbound(published, fam), veth=self.names.veth_jail,
+                blocked_ranges=blocked, tcp_ports=tcp_ports,
             ))
             subnet = a.v4_subnet if fam == 4 else a.v6_subnet
-            if subnet is not None:
-                host.append(rules.host_rules(
+            jail_addr = a.v4_jail if fam == 4 else a.v6_jail
+            if subnet is not None and jail_addr is not None:
+                host.append(inbound_plan.with_host_rules(rules.host_rules(
                     fam, tag=self.names.tag, veth_host=self.names.veth_host,
-                    subnet=str(subnet), dns_servers=fam_dns,
-                ))
+                    subnet=str(subnet), dns_servers=fam_dns, blocked_ranges=blocked,
+                    tcp_ports=tcp_ports,
+                ), published, veth_host=self.names.veth_host, jail=jail_addr))
         return jail, host
+
+    def never_reach(self) -> list[addresses.Network]:
+        """Beyond the built-in ranges, what the proxy never reaches whatever allow_cidrs
+        says: the pools (every instance's subnets) and every address of the host."""
+        if getattr(self, "_never_reach", None) is None:
+            n = self.cfg.network
+            nets: list[addresses.Network] = [n.ipv4_pool, n.ipv6_pool]
+            nets += [ipaddress.ip_network(a) for a in netns.host_addresses()]
+            self._never_reach = list(dict.fromkeys(nets))
+        return self._never_reach
 
     def _step(self, name: str, t0: float) -> float:
         t = time.monotonic()
@@ -213,6 +241,12 @@ class Instance:
         names, pu = self.names, self.proxy_user
         t = time.monotonic()
         dns = self.dns_servers()
+        # Secret values are read first: a missing or exposed one touches nothing.
+        secrets = secretsource.load(self.agent.secrets)
+        self.secret_env = secretsource.agent_env(secrets)
+        # Code the proxy will run must be root's alone; checked again as it loads.
+        for path in self.agent.addons:
+            trusted.check(path, "operator addon", pu.gid)
 
         # Leftovers of a crashed run of the same instance go first.
         left = cleanup(names.instance)
@@ -226,10 +260,26 @@ class Instance:
         with open(os.path.join(names.run_dir, OWNER_FILE), "w") as f:
             f.write(f"{os.getpid()}\n")
 
-        policy = Policy.build(names.instance, self.agent.allow, self.agent.deny, self.allow_hint)
-        policy_path = os.path.join(names.run_dir, "policy.json")
-        _write_private(policy_path, json.dumps(policy.to_dict(), indent=1), pu.gid)
+        policy_path = self.write_policy()
+        # For the proxy user alone: never in argv, its environment or proxy.json.
+        secrets_path = os.path.join(names.run_dir, secretsource.FILE_NAME)
+        secretsource.write_for_proxy(
+            secrets_path, secretsource.proxy_doc(secrets, self.agent.dlp, self.agent.dlp_patterns),
+            pu.uid, pu.gid)
+        del secrets
         self._prepare_log()
+        if any(s.on_tripwire == "kill" for s in self.agent.secrets):
+            self.tripwatch = tripwatch.TripwireWatch(
+                self.log_path, names.instance, names.netns,
+                lambda: {self.proxy.proc.pid} if self.proxy and self.proxy.proc else set())
+            self.tripwatch.start()
+            self._undo.callback(self.tripwatch.stop)
+        # Alerts (and the journal's view of the log's health) from the host side. Started
+        # before the proxy, so that it stops after it and sees the proxy's last records.
+        self.monitor = webhook.Monitor(names.instance, self.log_path, self.log_status,
+                                       self.cfg.webhook)
+        self.monitor.start()
+        self._undo.callback(self.monitor.stop)
 
         confdir = ca.prepare(names, self.agent.ca, pu.uid, pu.gid)
         self._undo.callback(ca.remove_ephemeral, names, self.agent.ca)
@@ -249,16 +299,21 @@ class Instance:
         self.proxy = Proxy(ProxySpec(
             names=names, uid=pu.uid, gid=pu.gid, confdir=confdir, policy_path=policy_path,
             log_path=self.log_path, dns_servers=tuple(dns), ipv6=self.ipv6,
-            upstream_ca=upstream,
+            upstream_ca=upstream, log_max_bytes=self.agent.log_max_bytes,
+            log_keep=self.agent.log_keep, log_status=self.log_status,
+            operator_addons=self.agent.addons,
+            blocked=tuple(str(n) for n in self.never_reach()),
+            secrets_path=secrets_path,
+            **self._prepare_inbound(),
         ))
         self.proxy.start()
-        self._undo.callback(self.proxy.stop)
+        self._undo.callback(self._stop_proxy)  # whichever proxy runs then (restart_proxy)
         t = self._step("proxy-launch", t)
 
         # Both rule sets at once (each family in its own child, see firewall.py): the
         # jail's, DROP policies first, and the host's, which may name the veth before it
         # exists. Each is read back and compared with the plan before apply() returns.
-        jail_rs, host_rs = self.rulesets(dns)
+        jail_rs, host_rs = self.planned_rules = self.rulesets(dns)
         self._undo.callback(firewall.remove_host_rules, names.tag)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             host_done = pool.submit(firewall.apply, host_rs, None)
@@ -270,7 +325,7 @@ class Instance:
         netns.connect(names, self.addressing)
         t = self._step("link", t)
 
-        self.proxy.wait_ready()
+        self.proxy.wait_ready(heartbeat=self.heartbeat)
         t = self._step("proxy-ready", t)
         self.ca_info = ca.export(names, confdir)
         self._step("ca", t)
@@ -288,6 +343,32 @@ class Instance:
         os.fchown(fd, pu.uid, pu.gid)
         self.log_offset = os.fstat(fd).st_size
         os.close(fd)
+        # The proxy reports the log's state here (it cannot write the run dir itself).
+        self.log_status = logread.status_path(self.names.run_dir)
+        os.mkdir(os.path.dirname(self.log_status), 0o750)
+        os.chown(os.path.dirname(self.log_status), pu.uid, pu.gid)
+
+    def _prepare_inbound(self) -> dict:
+        """The proxy's inbound listeners and the files they read (see inbound.py)."""
+        published = inbound_plan.plan(self.agent.inbound, ipv6=self.ipv6)
+        if not published:
+            return {}
+        run_dir, gid = self.names.run_dir, self.proxy_user.gid
+        for p in published:
+            if p.route.tls == "custom":
+                _write_private(inbound_plan.cert_file(run_dir, p.route),
+                               _custom_cert(p.route), gid)
+        path = os.path.join(run_dir, "inbound.json")
+        _write_private(path, json.dumps(inbound_plan.proxy_config(published, run_dir),
+                                        indent=1), gid)
+        for warning in inbound_plan.shadowed(published, _host_listeners()):
+            log.warning("%s", warning)
+        for p in published:
+            log.info("inbound route %s: %s (IPv%s) -> %s in the jail, from %s", p.route.name,
+                     p.route.listen, "+".join(map(str, p.families)), p.route.to,
+                     ", ".join(p.sources(4) + p.sources(6)))
+        return {"inbound_modes": tuple(inbound_plan.proxy_modes(published)),
+                "inbound_path": path}
 
     def _remove_netns(self) -> None:
         for pid in netns.pids_in(self.names.netns):
@@ -295,12 +376,96 @@ class Instance:
                 os.kill(pid, signal.SIGKILL)
         netns.delete(self.names)
 
+    # -- policy, supervision, reload (the daemon's; see daemon.py) -------------------
+
+    def compiled_policy(self) -> dict:
+        return Policy.build(self.names.instance, self.agent.allow, self.agent.deny,
+                            self.allow_hint, rules=self.agent.rules, mode=self.agent.mode,
+                            headers=self.agent.headers,
+                            destinations=destinations.of_agent(self.agent)).to_dict()
+
+    def write_policy(self) -> str:
+        """Compile the agent's policy and swap it in by rename; the proxy's PolicyFile
+        re-reads it within its interval. Compiled before anything is written: a policy
+        that fails to compile leaves the one in force untouched."""
+        text = json.dumps(self.compiled_policy(), indent=1)
+        path = os.path.join(self.names.run_dir, "policy.json")
+        _write_private(path, text, self.proxy_user.gid)
+        return path
+
+    def _stop_proxy(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+
+    def restart_proxy(self) -> None:
+        """Replace the proxy (dead, hung or stopped) with a fresh one on the same spec.
+
+        The REDIRECT rules stay in place throughout: meanwhile the agent's connections
+        are refused, never let out. Raises PanopticonError if the new one does not come up.
+        """
+        old = self.proxy
+        assert old is not None, "start() first"
+        if old.proc is not None and old.proc.poll() is None:
+            old.proc.kill()  # a stopped or hung proxy would not heed SIGTERM
+        old.stop()
+        self.proxy = Proxy(old.spec)
+        self.proxy.start()
+        self.proxy.wait_ready(heartbeat=self.heartbeat)
+
+    def verify_rules(self) -> list[str]:
+        """How the live rules (jail and host side) differ from the plan; empty: they match.
+
+        PanopticonError if they cannot be read at all (the namespace is gone, say)."""
+        jail_rs, host_rs = self.planned_rules
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            host = pool.submit(firewall.verify, host_rs, None)
+            return firewall.verify(jail_rs, self.names.netns) + host.result()
+
+    def reload(self, cfg: Config, agent: AgentConfig, allow_hint: str = "") -> tuple[list[str], bool]:
+        """Apply a config that already passed validation to the running jail.
+
+        The new policy is compiled first, then swapped in atomically. What only a restart
+        can change (network, proxy user, the agent's command, user, CA, health address)
+        keeps its running value and is returned as dotted keys. Also returned: whether
+        the policy got narrower (something allowed before may now be denied).
+        """
+        pending = restart_only_changes(self.cfg, self.agent, cfg, agent)
+        kept = {k: getattr(self.agent, k) for k in RESTART_ONLY_AGENT_KEYS}
+        new_agent = dataclasses.replace(agent, **kept)
+        old_agent, old_hint, old_policy = self.agent, self.allow_hint, self.compiled_policy()
+        self.agent, self.allow_hint = new_agent, allow_hint
+        try:
+            new_policy = self.compiled_policy()
+            self.write_policy()
+        except BaseException:
+            self.agent, self.allow_hint = old_agent, old_hint
+            raise
+        self.cfg = dataclasses.replace(cfg, network=self.cfg.network, proxy=self.cfg.proxy)
+        return pending, policy_narrowed(old_policy, new_policy)
+
+    def close_connections(self) -> int:
+        """Abort every connection the agent has open through the proxy, so that each is
+        made again and judged by the policy now in force; returns how many were closed.
+
+        The kernel does it (SOCK_DESTROY, `ss -K`) on the proxy's side of each connection
+        to its transparent port: the agent gets a reset, the proxy drops the upstream side.
+        """
+        p = subprocess.run(
+            ["nsenter", f"--net={netns.netns_path(self.names.netns)}", "ss", "-K", "-t", "-n",
+             "-H", "state", "established", f"( sport = :{TRANSPARENT_PORT} )"],
+            capture_output=True, text=True, timeout=30)
+        if p.returncode != 0:
+            raise PanopticonError(f"could not close the agent's connections: {p.stderr.strip()}",
+                                  hint="the kernel needs CONFIG_INET_DIAG_DESTROY")
+        return len([ln for ln in p.stdout.splitlines() if ln.strip()])
+
     # -- the agent -----------------------------------------------------------------
 
     def run_agent(self, argv: list[str], user: agentmod.AgentUser,
                   extra_env: dict[str, str] | None = None) -> int:
         assert self.ca_info, "start() first"
-        env = agentmod.build_env(user, os.environ, self.ca_info.agent_env(), extra_env or {})
+        env = agentmod.build_env(user, os.environ, self.ca_info.agent_env(),
+                                 {**(extra_env or {}), **self.secret_env})
         proc = agentmod.launch(self.names.netns, user, argv, env)
 
         # Ctrl-C reaches the agent from the terminal (same process group): let it decide.
@@ -324,30 +489,82 @@ class Instance:
         """Idempotent: undo everything start() built, in reverse order."""
         self._undo.close()
 
-    def summary(self) -> dict:
-        """Counts and blocked hosts from this run's part of the request log."""
-        allowed = blocked = 0
-        hosts: dict[str, int] = {}
+
+def _custom_cert(route: inbound_plan.Route) -> str:
+    """The operator's certificate chain and key for an inbound route, checked, as PEM."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    where = f"inbound route {route.name}"
+    try:
+        with open(route.cert or "", "rb") as f:
+            cert = f.read()
+        with open(route.key or "", "rb") as f:
+            key = f.read()
+    except OSError as e:
+        raise PanopticonError(f"{where}: cannot read {e.filename}: {e.strerror}",
+                              hint="tls = { cert = ..., key = ... } name PEM files root can read"
+                              ) from None
+    try:
+        chain = x509.load_pem_x509_certificates(cert)
+        pkey = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as e:
+        raise PanopticonError(f"{where}: not a PEM certificate and unencrypted key: {e}",
+                              hint="the key must not be encrypted") from None
+    if chain[0].public_key().public_numbers() != pkey.public_key().public_numbers():
+        raise PanopticonError(f"{where}: {route.key} is not the key of {route.cert}",
+                              hint="the first certificate in the file is the server's own")
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    pem += pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+    return pem.decode()
+
+
+def _host_listeners() -> dict[int, list[str]]:
+    """TCP ports listened on in this (the host's) namespace: port -> bound addresses."""
+    out: dict[int, list[str]] = {}
+    for fam, name in ((4, "tcp"), (6, "tcp6")):
         try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self.log_offset)
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue
-                    if rec.get("instance") not in (None, self.names.instance):
-                        continue
-                    if rec.get("decision") == "allow":
-                        allowed += 1
-                    elif rec.get("decision") == "deny":
-                        blocked += 1
-                        h = str(rec.get("host") or rec.get("qname") or "?")
-                        hosts[h] = hosts.get(h, 0) + 1
+            with open(f"/proc/net/{name}") as f:
+                text = f.read()
         except OSError:
-            pass
-        return {"allowed": allowed, "blocked": blocked, "blocked_hosts": hosts}
+            continue
+        for port, addrs in inbound_plan.parse_proc_net_tcp(text, fam).items():
+            out.setdefault(port, []).extend(addrs)
+    return out
 
 
 def proxy_group(name: str) -> int:
     return grp.getgrnam(name).gr_gid
+
+
+# What a reload cannot change in a running jail: the agent process, its CA, its health
+# address, and everything the namespace and the proxy were built with (the secrets: the
+# agent's environment holds their placeholders).
+RESTART_ONLY_AGENT_KEYS = ("command", "user", "ca", "health", "addons", "secrets", "dlp",
+                           "dlp_patterns")
+
+
+def restart_only_changes(old_cfg: Config, old: AgentConfig, new_cfg: Config,
+                         new: AgentConfig) -> list[str]:
+    """The dotted keys that differ between the two configs but need a restart."""
+    out = [f"agents.{old.name}.{k}" for k in RESTART_ONLY_AGENT_KEYS
+           if getattr(old, k) != getattr(new, k)]
+    for section in ("network", "proxy"):
+        a, b = getattr(old_cfg, section), getattr(new_cfg, section)
+        out += [f"{section}.{f.name}" for f in dataclasses.fields(a)
+                if getattr(a, f.name) != getattr(b, f.name)]
+    return out
+
+
+def policy_narrowed(old: dict, new: dict) -> bool:
+    """Whether `new` (a compiled policy) may deny something `old` allowed: an allow
+    pattern went, a deny pattern came, or anything else in it changed."""
+    def items(d: dict, k: str) -> set[str]:
+        return {json.dumps(x, sort_keys=True) for x in d.get(k) or ()}
+
+    if items(old, "allow") - items(new, "allow") or items(new, "deny") - items(old, "deny"):
+        return True
+    rest = ("allow", "deny", "allow_hint")
+    return {k: v for k, v in old.items() if k not in rest} != \
+        {k: v for k, v in new.items() if k not in rest}

@@ -32,6 +32,17 @@ class ProxySpec:
     dns_servers: tuple[str, ...]
     ipv6: bool
     upstream_ca: str | None  # a bundle path, or None for mitmproxy's default
+    operator_addons: tuple[str, ...] = ()  # the operator's addon scripts (operator_addons.py)
+    log_max_bytes: int = 0  # rotation of the request log (logfile.py); 0: never
+    log_keep: int = 5
+    log_status: str = ""  # where the proxy reports the log's state (logread.status_path)
+    inbound_modes: tuple[str, ...] = ()  # reverse listeners of inbound routes (inbound.py)
+    inbound_path: str = ""  # their routes, for addons/inbound.py; "" for none
+    # Networks never dialled whatever the policy says: the host's addresses, the pools.
+    blocked: tuple[str, ...] = ()
+    # The secrets file (secretsource.py), the proxy user's alone; "" for none. Only its
+    # path is here: the values never go into argv, the environment or proxy.json.
+    secrets_path: str = ""
 
     def options(self) -> dict:
         """Everything handed to the proxy, as data (also shown by `check --plan`)."""
@@ -58,12 +69,23 @@ class ProxySpec:
         }
         if self.upstream_ca:
             mitm["ssl_verify_upstream_trusted_ca"] = self.upstream_ca
+        if self.inbound_modes:
+            modes += list(self.inbound_modes)
+            # Inbound clients may have public addresses; the routes' allow_from decides.
+            mitm["block_global"] = False
         return {
             "mitmproxy": mitm,
+            "operator_addons": list(self.operator_addons),
             "panopticon": {
                 "panopticon_policy": self.policy_path,
                 "panopticon_log": self.log_path,
                 "panopticon_instance": self.names.instance,
+                "panopticon_log_max_bytes": self.log_max_bytes,
+                "panopticon_log_keep": self.log_keep,
+                "panopticon_log_status": self.log_status,
+                **({"panopticon_inbound": self.inbound_path} if self.inbound_path else {}),
+                "panopticon_blocked": list(self.blocked),
+                **({"panopticon_secrets": self.secrets_path} if self.secrets_path else {}),
             },
         }
 
@@ -92,6 +114,7 @@ class Proxy:
         self.spec = spec
         self.proc: subprocess.Popen | None = None
         self._ready_r = -1
+        self._beat_at = 0.0
         self.stderr_path = os.path.join(spec.names.run_dir, "proxy.log")
 
     def start(self) -> None:
@@ -134,7 +157,9 @@ class Proxy:
             os.close(w)
             err.close()
 
-    def wait_ready(self, timeout: float = 15.0) -> None:
+    def wait_ready(self, timeout: float = 15.0, heartbeat: bool = False) -> None:
+        """Until the proxy reports every listener bound. With `heartbeat`, keep listening
+        to the pipe afterwards: the proxy beats on it every second (`last_beat`)."""
         deadline = time.monotonic() + timeout
         buf = b""
         while b"\n" not in buf:
@@ -150,8 +175,12 @@ class Proxy:
                 if not chunk:
                     break
                 buf += chunk
-        os.close(self._ready_r)
-        self._ready_r = -1
+        if heartbeat and buf.startswith(b"ready"):
+            os.set_blocking(self._ready_r, False)
+            self._beat_at = time.monotonic()
+        else:
+            os.close(self._ready_r)
+            self._ready_r = -1
         if not buf.startswith(b"ready"):
             assert self.proc
             try:
@@ -174,6 +203,27 @@ class Proxy:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def last_beat(self) -> float:
+        """`time.monotonic()` of the last heartbeat read (see `wait_ready(heartbeat=True)`)."""
+        while self._ready_r >= 0:
+            try:
+                if not os.read(self._ready_r, 4096):
+                    break  # the proxy closed its end: no more beats
+            except BlockingIOError:
+                break
+            self._beat_at = time.monotonic()
+        return self._beat_at
+
+    def state(self) -> str:
+        """The process state letter of /proc (R, S, T for stopped, Z, ...); "" once reaped."""
+        if self.proc is None:
+            return ""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return ""
 
     def stop(self, timeout: float = 3.0) -> None:
         """Idempotent."""

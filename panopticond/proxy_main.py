@@ -24,6 +24,10 @@ from mitmproxy.tools.dump import DumpMaster
 from mitmproxy.version import VERSION
 
 from panopticond.addons import Enforce, install
+from panopticond.addons.operator_addons import load_scripts
+from panopticond.errors import PanopticonError
+
+HEARTBEAT = 1.0  # seconds between heartbeats on the readiness pipe (proxy.Proxy.last_beat)
 
 
 class Ready:
@@ -36,12 +40,26 @@ class Ready:
 
     def running(self) -> None:
         if not self.policy_loaded():
-            logging.error("the policy is not loaded: not reporting readiness")
+            logging.error("the policy is not loaded or an operator addon is broken: "
+                          "not reporting readiness")
             return
         if self.fd >= 0:
             os.write(self.fd, b"ready\n")
-            os.close(self.fd)
+            # Then a heartbeat on the same pipe, from the event loop: the daemon tells a
+            # hung proxy (whose listening sockets still accept) from a live one by it.
+            os.set_blocking(self.fd, False)
+            asyncio.get_running_loop().call_later(HEARTBEAT, self._beat)
+
+    def _beat(self) -> None:
+        try:
+            os.write(self.fd, b".")
+        except BlockingIOError:
+            pass  # nobody reads (panopticon run): never block the loop for it
+        except OSError:
+            os.close(self.fd)  # the reader is gone
             self.fd = -1
+            return
+        asyncio.get_running_loop().call_later(HEARTBEAT, self._beat)
 
 
 def _bracket_udp_ipv6() -> None:
@@ -69,11 +87,19 @@ async def _main(opts_path: str, ready_fd: int) -> int:
     _bracket_udp_ipv6()
     with open(opts_path) as f:
         spec = json.load(f)
+    # The operator's scripts: mitmdump -s would run on without one that fails to load;
+    # here the proxy ends, before it could report ready.
+    try:
+        operator = load_scripts(spec.get("operator_addons", []))
+    except PanopticonError as e:
+        print(f"panopticon: error: {e}", file=sys.stderr, flush=True)
+        return 1
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-    ours = install(master)
+    ours = install(master, operator)
     enforce = next(a for a in ours if isinstance(a, Enforce))
-    master.addons.add(Ready(ready_fd, lambda: enforce.policy.policy is not None))
+    master.addons.add(Ready(ready_fd, lambda: enforce.policy.policy is not None
+                            and not any(a.broken for a in operator)))
     opts.update(**spec["mitmproxy"])
     opts.update(**spec["panopticon"])
 

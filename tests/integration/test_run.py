@@ -229,8 +229,10 @@ def test_every_request_and_query_is_logged(probe):
     allowed = [r for r in http if r["host"] == V4_ONLY[0]]
     assert allowed and all(r["decision"] == "allow" for r in allowed)
     assert [r for r in lines if r.get("qname") or r.get("kind") == "dns"]
-    summary = probe["proc"].stderr.strip().splitlines()[-1]
-    assert "allowed" in summary and "blocked" in summary and "denied.example" in summary
+    summary = [ln for ln in probe["proc"].stderr.splitlines() if ln.startswith("panopticon: ")]
+    assert any("allowed" in ln and "blocked" in ln for ln in summary), summary
+    assert any(ln.startswith("panopticon: to allow:") and "--allow denied.example" in ln
+               for ln in summary), summary
 
 
 # -- life cycle ------------------------------------------------------------------------

@@ -211,6 +211,8 @@ def test_check_json(capsys, good):
         "allow": ["*.example.com", "203.0.113.7", "api.other.test"],
         "deny": ["bad.example.com", "*.internal.example.com"],
         "ca": "persistent",
+        "rules": [], "headers": {}, "addons": [], "mode": "enforce",
+        "secrets": [], "dlp": "block", "inbound": {},
     }
     assert doc["agents"]["idle"]["command"] == []
     assert doc["agents"]["idle"]["user"] is None
@@ -330,3 +332,76 @@ def test_subcommands_help(capsys):
             cli.main(argv)
         assert info.value.code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+# --- policy test with method/path rules, discover mode, check (issue 3) ------------------------
+
+RULES = """\
+[defaults]
+allow = ["pypi.org", { host = "api.github.com", methods = ["GET"], paths = ["/repos/acme/*"] }]
+headers = { "api.github.com" = { X-Org = "acme-secret-value" } }
+addons = ["/etc/panopticon/addons/compliance.py"]
+
+[agents.learner]
+mode = "discover"
+"""
+
+
+@pytest.fixture
+def rules_cfg(tmp_path) -> str:
+    p = tmp_path / "rules.toml"
+    p.write_text(RULES)
+    return str(p)
+
+
+@pytest.mark.parametrize(("target", "rc", "first", "why"), [
+    (["https://api.github.com/repos/acme/x"], 0, "ALLOW GET", "allowed by api.github.com GET"),
+    (["get", "https://api.github.com/repos/acme/x?q=../../other"], 0, "ALLOW GET", "allowed"),
+    (["POST", "https://api.github.com/repos/acme/x"], 1, "DENY POST", "POST is not allowed"),
+    (["https://api.github.com/repos/other"], 1, "DENY GET", "path is not allowed"),
+    (["https://api.github.com/repos/acme/..%2Fother"], 1, "DENY GET", "path is not allowed"),
+    (["DELETE", "https://pypi.org/simple/"], 0, "ALLOW DELETE", "allowed by pypi.org"),
+])
+def test_policy_test_methods_and_paths(capsys, rules_cfg, target, rc, first, why):
+    got, out, _ = run(capsys, "policy", "test", "--config", rules_cfg, *target)
+    assert got == rc, out
+    assert out.startswith(first) and why in out
+
+
+def test_policy_test_shows_the_normalised_path(capsys, rules_cfg):
+    _, out, _ = run(capsys, "policy", "test", "--config", rules_cfg,
+                    "https://api.github.com/repos/acme/a/../b")
+    assert "path: /repos/acme/b" in out
+    _, out, _ = run(capsys, "policy", "test", "--config", rules_cfg,
+                    "https://api.github.com/repos/acme/%252e")
+    assert "path: (invalid or ambiguous)" in out
+
+
+def test_policy_test_discover_mode(capsys, rules_cfg):
+    rc, out, _ = run(capsys, "policy", "test", "--config", rules_cfg, "--agent", "learner",
+                     "https://denied.test/")
+    assert rc == 0 and out.startswith("ALLOW (discover mode; enforce would DENY) GET")
+    rc, out, _ = run(capsys, "policy", "test", "--config", rules_cfg, "--agent", "learner",
+                     "--mode", "enforce", "https://denied.test/")
+    assert rc == 1 and out.startswith("DENY GET")
+    rc, out, _ = run(capsys, "policy", "test", "--config", rules_cfg, "--mode", "discover",
+                     "https://pypi.org/")
+    assert rc == 0 and out.startswith("ALLOW GET")  # would allow too: nothing to add
+
+
+def test_check_shows_rules_headers_addons_and_mode_never_header_values(capsys, rules_cfg):
+    rc, out, _ = run(capsys, "check", "--config", rules_cfg)
+    assert rc == 0
+    assert "rule:    api.github.com GET /repos/acme/*" in out
+    assert "headers: api.github.com: X-Org" in out
+    assert "addon:   /etc/panopticon/addons/compliance.py" in out
+    assert "mode:    discover" in out
+    rc, out, _ = run(capsys, "check", "--config", rules_cfg, "--json")
+    assert "acme-secret-value" not in out
+    assert json.loads(out)["agents"]["learner"]["mode"] == "discover"
+
+
+def test_run_mode_is_validated_before_anything(capsys, rules_cfg):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--config", rules_cfg, "--mode", "learn", "--", "true"])
+    assert e.value.code == ExitStatus.USAGE

@@ -26,6 +26,7 @@ from panopticond.config import (
     to_dict,
 )
 from panopticond.errors import ExitStatus
+from panopticond.suffixes import wildcard_problem
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "config" / "config.toml"
@@ -371,7 +372,7 @@ def test_to_dict_is_json_and_complete():
     assert d["network"]["ipv4_pool"] == "172.20.0.0/24"
     assert d["agents"]["openclaw"]["ca"] == {
         "mode": "custom", "cert": "/etc/panopticon/ca.crt", "key": "/etc/panopticon/ca.key"}
-    assert set(d) == {"path", "network", "proxy", "defaults", "agents"}
+    assert set(d) == {"path", "network", "proxy", "defaults", "agents", "webhook"}
 
 
 def test_the_module_is_pure():
@@ -418,8 +419,10 @@ def _host_text(wild: bool, labels: list[str], tld: str, upper: bool) -> str:
     return ("*." if wild else "") + (name.upper() if upper else name)
 
 
+# An allowing wildcard over a public suffix (say '*.us.com') is refused: test_destconfig.py.
 _host = st.builds(_host_text, st.booleans(), st.lists(_label, min_size=1, max_size=3),
-                  st.sampled_from(["com", "test", "io"]), st.booleans())
+                  st.sampled_from(["com", "test", "io"]), st.booleans()).filter(
+    lambda h: not h.startswith("*.") or wildcard_problem(h[2:].lower()) is None)
 _hosts = st.lists(_host, max_size=4)
 _user = st.from_regex(r"\A[a-z_][a-z0-9_-]{0,12}\Z").filter(
     lambda u: u not in ("root", "panopticon-proxy"))
@@ -427,10 +430,12 @@ _ca = st.one_of(
     st.sampled_from(["persistent", "ephemeral"]),
     st.builds(lambda a, b: {"cert": f"/etc/{a}.crt", "key": f"/etc/{b}.key"}, _label, _label),
 )
+_log_settings = {"log_max_bytes": st.sampled_from([0, 1024, 10**12]),
+                 "log_keep": st.integers(1, 1000)}
 _section = st.fixed_dictionaries({}, optional={"allow": _hosts, "deny": _hosts, "user": _user,
-                                               "ca": _ca})
+                                               "ca": _ca, **_log_settings})
 _agent = st.fixed_dictionaries({}, optional={
-    "allow": _hosts, "deny": _hosts, "user": _user, "ca": _ca,
+    "allow": _hosts, "deny": _hosts, "user": _user, "ca": _ca, **_log_settings,
     "command": st.lists(st.text("abc/ -=\"'\\#[]", min_size=1, max_size=6), min_size=1,
                         max_size=3)})
 _names = st.from_regex(r"\A[a-z0-9][a-z0-9_-]{0,31}\Z").filter(lambda n: n != "run")
@@ -450,6 +455,8 @@ _raw = st.fixed_dictionaries({}, optional={
 def _toml(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):
@@ -504,7 +511,12 @@ def expected(raw) -> dict:
     d = raw.get("defaults", {})
     defaults = {"name": "run", "command": [], "user": d.get("user"),
                 "allow": canon(d.get("allow", [])), "deny": canon(d.get("deny", [])),
-                "ca": ca(d.get("ca", "persistent"))}
+                "ca": ca(d.get("ca", "persistent")),
+                "log_max_bytes": d.get("log_max_bytes", 64 * 1024 * 1024),
+                "log_keep": d.get("log_keep", 7),
+                "rules": [], "headers": [], "addons": [], "mode": "enforce", "inbound": {},
+                "secrets": {}, "dlp": "block", "dlp_patterns": {},
+                "allow_cidrs": [], "passthrough": [], "ports": [], "health": None}
     agents = {}
     for name, a in raw.get("agents", {}).items():
         agents[name] = {
@@ -512,11 +524,16 @@ def expected(raw) -> dict:
             "allow": canon(defaults["allow"] + a.get("allow", [])),
             "deny": canon(defaults["deny"] + a.get("deny", [])),
             "ca": ca(a["ca"]) if "ca" in a else defaults["ca"],
+            "log_max_bytes": a.get("log_max_bytes", defaults["log_max_bytes"]),
+            "log_keep": a.get("log_keep", defaults["log_keep"]),
+            "rules": [], "headers": [], "addons": [], "mode": "enforce", "inbound": {},
+            "secrets": {}, "dlp": "block", "dlp_patterns": {},
+            "allow_cidrs": [], "passthrough": [], "ports": [], "health": None,
         }
     network = {"ipv4_pool": "10.231.0.0/16", "ipv6_pool": "fd7a:7c1d:5e2b::/48", "ipv6": True,
                "dns_servers": [], "upstream_ca": "", **raw.get("network", {})}
     return {"path": F, "network": network, "proxy": {"user": "panopticon-proxy"},
-            "defaults": defaults, "agents": agents}
+            "defaults": defaults, "agents": agents, "webhook": None}
 
 
 _style = st.sampled_from(["headers", "multiline", "dotted"])
@@ -545,3 +562,120 @@ def test_a_bad_pattern_anywhere_is_located(raw, style, data):
     text, where = render(raw, style)
     e = error(text)
     assert (e.line, e.key) == (where[path], config.dotted_key(path)), text
+
+
+# --- method/path rules, headers, operator addons, mode (issue 3) ------------------------------
+
+RULES_ERRORS = [
+    ("[defaults]\nallow = [{ hots = 'a.com' }]\n", "2: defaults.allow[0].hots",
+     "did you mean 'host'"),
+    ("[defaults]\nallow = [{ methods = ['GET'] }]\n", "2: defaults.allow[0]", "has no 'host'"),
+    ("[defaults]\nallow = [\n  'x.com',\n  { host = 'a.com', methods = ['CONNECT'] },\n]\n",
+     "4: defaults.allow[1].methods[0]", "never allowed"),
+    ("[agents.bot]\nallow = [{ host = 'a.com', methods = ['GET', 'G T'] }]\n",
+     "2: agents.bot.allow[0].methods[1]", "not an HTTP method"),
+    ("[defaults]\nallow = [{ host = 'a.com', paths = [] }]\n", "2: defaults.allow[0].paths",
+     "is empty"),
+    ("[defaults]\nallow = [{ host = 'a.com', paths = ['/a/../b'] }]\n",
+     "2: defaults.allow[0].paths[0]", "'..'"),
+    ("[defaults]\nallow = [{ host = 'a.com', paths = ['/a%2Fb'] }]\n",
+     "2: defaults.allow[0].paths[0]", "decoded"),
+    ("[defaults]\nallow = [{ host = 'a.com', paths = 'x' }]\n", "2: defaults.allow[0].paths",
+     "expected an array"),
+    ("[defaults]\nallow = [{ host = '*.*.com' }]\n", "2: defaults.allow[0].host", "'*'"),
+    ("[defaults]\nallow = [{ host = 3 }]\n", "2: defaults.allow[0].host", "expected a string"),
+    ("[defaults]\ndeny = [{ host = 'a.com' }]\n", "2: defaults.deny[0]", "expected a string"),
+    ("[defaults]\nheaders = { 'a.com' = { Host = 'b.com' } }\n", "2: defaults.headers.\"a.com\"",
+     "names its host"),
+    ("[defaults.headers.'a.com']\nX-Org = 'a'\n'X Bad' = 'b'\n",
+     '3: defaults.headers."a.com"."X Bad"', "not a valid header name"),
+    ('[defaults]\nheaders = { "a.com" = { X-Org = "a\\r\\nX-Evil: 1" } }\n',
+     '2: defaults.headers."a.com".X-Org', "line break"),
+    ("[defaults]\nheaders = { 'a..com' = { X-Org = 'a' } }\n", '2: defaults.headers."a..com"',
+     "not a valid host"),
+    ("[defaults]\nheaders = { 'a.com' = {} }\n", '2: defaults.headers."a.com"', "no headers"),
+    ("[defaults]\nheaders = { 'a.com' = { X-Org = 1 } }\n", '2: defaults.headers."a.com".X-Org',
+     "expected a string"),
+    ("[defaults]\nheaders = ['a.com']\n", "2: defaults.headers", "expected a table"),
+    ("[agents.bot]\naddons = ['compliance.py']\n", "2: agents.bot.addons[0]", "not an absolute"),
+    ("[defaults]\naddons = ['/etc/x.sh']\n", "2: defaults.addons[0]", "not a Python file"),
+    ("[defaults]\nmode = 'discovery'\n", "2: defaults.mode", "did you mean 'discover'"),
+    ("[agents.bot]\nmode = true\n", "2: agents.bot.mode", "expected a string"),
+]
+
+
+@pytest.mark.parametrize("text,where,message", RULES_ERRORS)
+def test_rule_header_addon_mode_errors_name_file_line_and_key(text, where, message):
+    test_error_names_file_line_and_key(text, where, message)
+
+
+def test_allow_mixes_host_strings_and_rule_tables():
+    cfg = loads("""
+[defaults]
+allow = ["pypi.org", { host = "API.github.com", methods = ["get"], paths = ["/repos/acme/*"] }]
+[agents.bot]
+allow = [{ host = "uploads.example", methods = ["PUT"] }, "pypi.org"]
+""", F)
+    d, bot = cfg.defaults, cfg.agents["bot"]
+    assert d.allow == ("pypi.org",)
+    assert [r.to_dict() for r in d.rules] == [
+        {"host": "api.github.com", "methods": ["GET"], "paths": ["/repos/acme/*"]}]
+    assert bot.allow == ("pypi.org",)
+    assert [str(r.host) for r in bot.rules] == ["api.github.com", "uploads.example"]
+    assert bot.rules[1].paths is None
+    assert to_dict(cfg)["agents"]["bot"]["rules"][1] == {
+        "host": "uploads.example", "methods": ["PUT"], "paths": None}
+
+
+def test_headers_addons_and_mode_merge():
+    cfg = loads("""
+[defaults]
+headers = { "*.example.com" = { X-Org = "acme", X-Env = "prod" } }
+addons = ["/etc/panopticon/addons/a.py"]
+mode = "discover"
+[agents.bot]
+headers = { "api.example.com" = { X-Org = "bot" } }
+addons = ["/etc/panopticon/addons/b.py", "/etc/panopticon/addons/a.py"]
+[agents.strict]
+mode = "enforce"
+""", F)
+    bot = cfg.agents["bot"]
+    assert [str(h.host) for h in bot.headers] == ["*.example.com", "api.example.com"]
+    assert bot.addons == ("/etc/panopticon/addons/a.py", "/etc/panopticon/addons/b.py")
+    assert bot.mode == "discover" and cfg.agents["strict"].mode == "enforce"
+    assert cfg.defaults.mode == "discover"
+    # check --json names the headers, never their values (they may be credentials).
+    shown = json.dumps(to_dict(cfg))
+    assert "X-Org" in shown and "acme" not in shown.replace("acme/", "")
+
+
+def test_agent_config_mode_flag():
+    cfg = loads("[agents.bot]\nmode = 'discover'\n", F)
+    assert agent_config(cfg, "bot").mode == "discover"
+    assert agent_config(cfg, "bot", mode="enforce").mode == "enforce"
+    assert agent_config(cfg, None, mode="discover").mode == "discover"
+    with pytest.raises(ConfigError) as info:
+        agent_config(cfg, "bot", mode="discovery")
+    assert info.value.key == "--mode" and "did you mean 'discover'" in str(info.value)
+
+
+def test_a_port_table_is_a_tcp_rule_never_a_host_rule():
+    # { host, port } allows raw TCP on that port (destconfig.py), never "any request to host".
+    cfg = loads("[defaults]\nallow = [{ host = 'github.com', port = 22 }]\n", F)
+    assert cfg.defaults.ports == (("github.com", 22),)
+    assert cfg.defaults.allow == () and cfg.defaults.rules == ()
+
+
+def test_health_is_a_loopback_address_and_port_of_one_agent_only():
+    cfg = loads('[agents.a]\nhealth = "127.0.0.1:9180"\n[agents.b]\nhealth = "[::1]:9180"\n', F)
+    assert cfg.agents["a"].health == ("127.0.0.1", 9180)
+    assert cfg.agents["b"].health == ("::1", 9180)
+    assert to_dict(cfg)["agents"]["b"]["health"] == "[::1]:9180"
+    assert loads("[agents.c]\n", F).agents["c"].health is None
+    e = error('[agents.a]\nhealth = "127.0.0.1:9180"\n[agents.b]\nhealth = "127.0.0.1:9180"\n')
+    assert (e.line, e.key) == (4, "agents.b.health") and "agent 'a'" in str(e)
+    assert "loopback" in str(error('[agents.a]\nhealth = "10.0.0.1:9180"\n'))
+    for bad in ("localhost:9180", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "[::1]"):
+        assert error(f'[agents.a]\nhealth = "{bad}"\n').key == "agents.a.health", bad
+    # Per agent only: a default would put every agent on one port.
+    assert error('[defaults]\nhealth = "127.0.0.1:1"\n').key == "defaults.health"

@@ -144,7 +144,8 @@ def launch(
     workdir = cwd or os.getcwd()
 
     def preexec() -> None:  # pragma: no cover - runs in the child
-        privs.enter_and_drop(netns_name, user.uid, user.gid, list(user.groups))
+        privs.enter_and_drop(netns_name, user.uid, user.gid, list(user.groups),
+                            confine=True)
         try:
             os.chdir(workdir)
         except OSError:

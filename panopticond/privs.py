@@ -13,7 +13,7 @@ import ctypes
 import os
 import signal
 
-from . import netns
+from . import netns, sandbox
 
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
@@ -46,9 +46,15 @@ def enter_and_drop(
     *,
     new_session: bool = False,
     pdeathsig: bool = False,
+    confine: bool = False,
 ) -> None:
-    """For `preexec_fn`: any exception aborts the exec, so a half-dropped child never runs."""
+    """For `preexec_fn`: any exception aborts the exec, so a half-dropped child never runs.
+
+    `confine` (the agent): a mount namespace hiding host sockets, and a seccomp filter
+    against user namespaces (sandbox.py)."""
     netns.enter(netns_name)
+    if confine:
+        sandbox.hide_host_sockets()
     if new_session:
         os.setsid()
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
@@ -58,5 +64,7 @@ def enter_and_drop(
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if confine:
+        sandbox.deny_user_namespaces()
     if pdeathsig:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -179,7 +179,8 @@ def run(netns: str, uid: int, gid: int, groups: Iterable[int], ca_cert: str,
     group_list = list(groups)
 
     def preexec() -> None:  # pragma: no cover - runs in the child
-        privs.enter_and_drop(netns, uid, gid, group_list, new_session=True, pdeathsig=True)
+        privs.enter_and_drop(netns, uid, gid, group_list, new_session=True, pdeathsig=True,
+                            confine=True)
 
     try:
         p = subprocess.run(

@@ -509,7 +509,14 @@ def _carries_doh(req: http.Request) -> bool:
         value = req.headers.get(header, "").lower()
         if any(t in value for t in DOH_TYPES):
             return True
-    return req.method.upper() == "GET" and "dns" in req.query
+    if req.method.upper() != "GET":
+        return False
+    if "dns" in req.query:  # RFC 8484 GET
+        return True
+    # The JSON resolver APIs (Google's /resolve?name=, Cloudflare's /dns-query?name=),
+    # which need no special header.
+    path = req.path.split("?", 1)[0].rstrip("/").lower()
+    return "name" in req.query and path.endswith(("/resolve", "/dns-query"))
 
 
 def _exact(rule: str | None) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import contextlib
+import tempfile
 import secrets
 import shutil
 import socket
@@ -74,9 +76,20 @@ def attack_lab(lab: Lab) -> Lab:
 
 class UnixService:
     """A service on the host listening on a Unix socket (mode 0666, as many are), that
-    records what it receives: the agent shares the host's file system."""
+    records what it receives. It stands where a user's session bus lives
+    (/run/user/ID/bus): a path of the kind the agent's mount namespace hides."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None = None):
+        self._made_root = False
+        if path is None:
+            if not os.path.isdir("/run/user"):
+                os.makedirs("/run/user", mode=0o755)
+                self._made_root = True
+            self._dir = Path(tempfile.mkdtemp(prefix="pnt-", dir="/run/user"))
+            os.chmod(self._dir, 0o755)
+            path = self._dir / "bus"
+        else:
+            self._dir = None
         self.path = path
         self.received: list[bytes] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -107,6 +120,11 @@ class UnixService:
         self._stop = True
         self.thread.join(2)
         self.sock.close()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            if self._made_root:
+                with contextlib.suppress(OSError):
+                    os.rmdir("/run/user")
 
 
 def _setuid_copy(work: jail.Workdir) -> dict[str, str]:
@@ -151,7 +169,7 @@ def run_jail(lab: Lab, jail_name: str, config: str, extra_vars: dict | None = No
         out = work.path / "out"
         out.mkdir(exist_ok=True)
         os.chmod(out, 0o777)
-        unix = UnixService(work.path / "host-service.sock")
+        unix = UnixService()
         canary, control = "pnt" + secrets.token_hex(4), "ctl" + secrets.token_hex(4)
         vars_ = {"RESULTS": str(out / "results.json"), "RELEASE": str(out / "release"),
                  "UNIX": str(unix.path), "PROXY_UID": PROXY_UID,

@@ -69,11 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               status=ExitStatus.USAGE)
     _require_root()
     if args.agent is None:
-        # Ad-hoc runs get a name of their own, so that several can run at once; a CA
-        # kept for a name that never comes back would only pile up in the state dir.
-        ag = _replace_name(ag, f"run-{os.getpid()}")
-        if ag.ca.mode == "persistent":
-            ag = dataclasses.replace(ag, ca=dataclasses.replace(ag.ca, mode="ephemeral"))
+        ag = _adhoc(ag, f"run-{os.getpid()}")
     pu = ProxyUser.lookup(cfg.proxy.user)
     user = agentmod.resolve_user(ag.user, os.environ, proxy_uid=pu.uid, proxy_gid=pu.gid)
     extra_env = _parse_env(args.env)
@@ -90,6 +86,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         inst.stop()
     _print_summary(inst, started, args.agent, default_log=args.log is None)
     return rc
+
+
+def _adhoc(ag, name: str):
+    """An ad-hoc run (no --agent) gets a name of its own, so that several can run at once,
+    and an ephemeral CA: one kept for a name that never comes back would pile up."""
+    ag = _replace_name(ag, name)
+    if ag.ca.mode == "persistent":
+        ag = dataclasses.replace(ag, ca=dataclasses.replace(ag.ca, mode="ephemeral"))
+    return ag
 
 
 def _replace_name(ag, name: str):
@@ -126,6 +131,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config, required=True)
     names = [args.agent] if args.agent else sorted(cfg.agents)
     agents = [config.agent_config(cfg, n) for n in names]
+    if args.plan and not args.agent:
+        # What `panopticon run` without --agent gets: [defaults] alone, named run-<its pid>.
+        agents.append(_adhoc(config.agent_config(cfg, None), "run-pid"))
     doc: dict = {"config": cfg.path, "agents": {}}
     for ag in agents:
         entry: dict = {

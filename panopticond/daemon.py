@@ -11,6 +11,7 @@
                  ├─ every --check-interval: live rules vs the plan; drift closes the jail
                  │  (agent and proxy killed, the veth removed, 503 until restarted)
                  ├─ SIGHUP: reload (validated first; a bad config keeps the old policy)
+                 ├─ (a thread) the request log counted for /metrics and the dashboard at /
                  ├─ SIGTERM/SIGINT: stop, leaving nothing behind
                  └─ WATCHDOG=1, only while everything above holds
 
@@ -40,8 +41,9 @@ from typing import Any
 
 from . import agent as agentmod
 from . import config as configmod
-from . import selftest
+from . import dashboard, logread, selftest
 from .errors import ExitStatus, PanopticonError
+from .metrics import LogView
 from .plan import Names
 from .sdnotify import Notifier
 from .server import HealthServer, json_page
@@ -149,6 +151,7 @@ class Daemon:
         self.user: agentmod.AgentUser | None = None
         self.targets: selftest.Targets | None = None
         self.server: HealthServer | None = None
+        self.view: LogView | None = None  # the request log, for /metrics and the dashboard
         self.reload_info: dict[str, Any] = {"generation": 0, "ok": None, "error": None,
                                             "pending_restart": [], "at": None}
         self.restarts = 0
@@ -295,7 +298,10 @@ class Daemon:
         event(logging.INFO, "config", path=cfg.path, agent=self.name, allow=len(ag.allow),
               deny=len(ag.deny))
         if ag.health is not None:
-            self.server = HealthServer(ag.health, {"/healthz": json_page(self.report)})
+            self.server = HealthServer(ag.health, {
+                "/healthz": json_page(self.report),
+                **dashboard.pages(lambda: self.view, self.report,
+                                  lambda: self.inst.allow_hint if self.inst else "")})
             self.server.start()
             event(logging.INFO, "health", listen=_where(ag.health))
         else:
@@ -309,6 +315,8 @@ class Daemon:
         inst = Instance(cfg, ag, allow_hint=configmod.allow_hint(cfg, ag))
         inst.heartbeat = True
         self.inst = inst
+        self.view = LogView(inst.log_path, status_path=logread.status_path(self.names.run_dir))
+        self.view.start()
         inst.start()
         event(logging.INFO, "jail-up", netns=self.names.netns,
               ms=round(sum(inst.timings.values()) * 1000), proxy_pid=inst.proxy.proc.pid)
@@ -588,6 +596,8 @@ class Daemon:
             event(logging.INFO, "jail-down", netns=self.names.netns)
         if self.server is not None:
             self.server.close()
+        if self.view is not None:
+            self.view.stop()
         self.notify.close()
 
     def _summary(self) -> str:

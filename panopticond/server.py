@@ -1,4 +1,4 @@
-"""The daemon's HTTP endpoint on the host side: `/healthz` (and room for more pages).
+"""The daemon's HTTP endpoint on the host side: `/healthz`, `/metrics`, the dashboard.
 
 It listens on the loopback address and port of the agent's `health` key, in the host's
 network namespace. The jail cannot reach it: its own `lo` is another interface in
@@ -7,23 +7,62 @@ martian the host drops (its INPUT rules drop everything from that veth anyway).
 
 Requests are served from a thread of their own, so a slow client or a long step of the
 supervision loop (a rule check, a proxy restart) never holds the other up. Pages are
-functions returning (status, content type, body); each reads a snapshot that the
-supervision loop replaces whole, so no page sees half an update.
+functions returning (status, content type, body[, headers]); each reads a snapshot that
+the supervision loop replaces whole, so no page sees half an update. A page made with
+`page(fn, query=True)` gets the query string as a dict; one made with `browser=True` (the
+dashboard and its API) is refused unless the Host header is an address or `localhost`:
+a web page the operator visits could otherwise point a name of its own at 127.0.0.1
+(DNS rebinding) and read the dashboard through the operator's browser.
 """
 
 from __future__ import annotations
 
 import errno
 import http.server
+import ipaddress
 import json
 import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import ExitStatus, PanopticonError
 
-Page = Callable[[], tuple[int, str, bytes]]
+Page = Callable[..., tuple]  # () or (query) -> (status, content type, body[, headers])
+
+# Sent with every answer: nothing here is meant to be framed, sniffed or followed.
+_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
+
+def page(fn: Callable[..., tuple], *, query: bool = False, browser: bool = False) -> Page:
+    """`fn` as a page: called with the query string ({name: last value}) if `query`;
+    refused (403) if `browser` and the Host header names something other than an
+    address or localhost."""
+    fn.takes_query = query  # type: ignore[attr-defined]
+    fn.browser = browser  # type: ignore[attr-defined]
+    return fn
+
+
+def local_host_header(value: str | None) -> bool:
+    """True if a Host header is an IP literal or `localhost`, with or without a port."""
+    if not value:
+        return False
+    host = value.strip()
+    if host.startswith("["):
+        if "]" not in host:
+            return False
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def json_page(report: Callable[[], tuple[int, Any]]) -> Page:
@@ -50,19 +89,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(head=True)
 
     def _answer(self, head: bool) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, qs = self.path.partition("?")
         page = self.server.pages.get(path)
+        headers: dict[str, str] = {}
         if page is None:
             status, ctype, body = 404, "text/plain", b"not found\n"
+        elif getattr(page, "browser", False) and not local_host_header(self.headers["Host"]):
+            status, ctype, body = 403, "text/plain", b"use an address or localhost\n"
         else:
             try:
-                status, ctype, body = page()
+                if getattr(page, "takes_query", False):
+                    out = page({k: v[-1] for k, v in urllib.parse.parse_qs(qs).items()})
+                else:
+                    out = page()
+                status, ctype, body = out[:3]
+                if len(out) > 3:
+                    headers = dict(out[3])
             except Exception:  # noqa: BLE001 - a broken page must not say "healthy"
                 status, ctype, body = 500, "text/plain", b"internal error\n"
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        for k, v in {**_HEADERS, **headers}.items():
+            self.send_header(k, v)
         self.end_headers()
         if not head:
             self.wfile.write(body)

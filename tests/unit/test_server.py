@@ -85,3 +85,21 @@ def test_close_is_idempotent_and_frees_the_port(serve):
     s.close()
     s.close()
     socket.create_server(("127.0.0.1", port)).close()
+
+
+def test_query_pages_get_the_query_and_pages_may_add_headers(serve):
+    from panopticond.server import page
+    s = serve({"/q": page(lambda q: (200, "text/plain", repr(sorted(q.items())).encode(),
+                                     {"X-Extra": "1"}), query=True)})
+    req = urllib.request.Request(f"http://127.0.0.1:{s.port}/q?a=1&b=x&a=2")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.read() == b"[('a', '2'), ('b', 'x')]"
+        assert r.headers["X-Extra"] == "1" and r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_local_host_header():
+    from panopticond.server import local_host_header
+    good = ["127.0.0.1", "127.0.0.1:80", "[::1]:9185", "::1", "localhost", "LOCALHOST:1"]
+    bad = [None, "", "evil.example", "evil.example:80", "127.0.0.1.nip.io", "[::1"]
+    assert all(local_host_header(h) for h in good)
+    assert not any(local_host_header(h) for h in bad)

@@ -392,3 +392,30 @@ def test_jail_behaviour(lab, family):
     assert status == "ERR" and what in ("ECONNREFUSED", "EPERM") and seconds < 1
     # Other UDP does not leave either.
     assert connect(j, AGENT_UID, "udp", net, 8080)[0] == "ERR"
+
+
+def test_apply_each_puts_every_set_in_its_own_namespace(make_ns):
+    """One child per family for the jail's and the host's rules (apply_each): the cached
+    table handles of python-iptables must not carry one namespace's rules into the other.
+    Run from inside the "host" namespace, as `panopticon run` is (None: the caller's)."""
+    j, h = make_ns("ej"), make_ns("eh")
+    tag = "e4c5d6e7"
+    code = (
+        "import sys; from panopticond import firewall, rules\n"
+        "jail = [rules.jail_rules(f, proxy_uid=%d, transparent_port=%d, dns_port=%d, "
+        "dns_servers=%r) for f in (4, 6)]\n"
+        "host = [rules.host_rules(f, tag=%r, veth_host='pnh-e', subnet=s, "
+        "dns_servers=['10.0.0.2', '2001:db8:ff::53']) for f, s in ((4, '10.250.0.0/24'), "
+        "(6, 'fd99:1::/64'))]\n"
+        "firewall.apply_each([(jail, sys.argv[1]), (host, None)])\n"
+    ) % (PROXY_UID, T, D, DNS, tag)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = in_ns(h, "env", f"PYTHONPATH={repo}", sys.executable, "-c", code, j, check=False)
+    assert out.returncode == 0, out.stderr
+    assert firewall.verify([jail(4), jail(6)], j) == []
+    assert firewall.verify([host(4, tag, "pnh-e"), host(6, tag, "pnh-e")], h) == []
+    for family in (4, 6):
+        in_jail, in_host = in_ns(j, SAVE[family]).stdout, in_ns(h, SAVE[family]).stdout
+        assert f"PANO-{tag.upper()}" not in in_jail
+        assert ":OUTPUT DROP" in in_jail and ":OUTPUT DROP" not in in_host
+        assert "REDIRECT" not in in_host

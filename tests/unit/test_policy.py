@@ -632,3 +632,44 @@ def test_round_trip_with_rules_mode_and_headers():
 def test_from_dict_is_strict_about_rules_mode_and_headers(doc):
     with pytest.raises(ValueError):
         Policy.from_dict(doc)
+
+
+# The decision indexes names and wildcards (no scan of every pattern): it must answer
+# exactly what a scan in order would, the first matching pattern included.
+_IDX_LABELS = st.sampled_from(["a", "b", "c", "xn--bcher-kva", "113", "7"])
+_IDX_NAMES = st.lists(_IDX_LABELS, min_size=1, max_size=4).map(".".join)
+
+
+def _idx_is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+_IDX_PATTERNS = st.tuples(st.booleans(), _IDX_NAMES).filter(
+    lambda t: not (t[0] and _idx_is_ip(t[1]))).map(lambda t: ("*." if t[0] else "") + t[1])
+
+
+def _scan(patterns, host):
+    return next((str(p) for p in patterns if p.matches(host)), None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_IDX_PATTERNS, max_size=8), st.lists(_IDX_PATTERNS, max_size=8),
+       st.lists(_IDX_PATTERNS, max_size=4),
+       st.one_of(_IDX_NAMES, st.sampled_from(["203.0.113.7", "10.0.0.1", "113.7.113.7"])))
+def test_indexed_decision_equals_a_scan_in_order(allow, deny, rule_hosts, host):
+    rules = [RequestRule.parse(h, ["GET"], None) for h in rule_hosts]
+    pol = Policy.build("t", allow, deny, rules=rules)
+    d = pol.decide(host, "GET", "/")
+    if (denied := _scan(pol.deny, host)) is not None:
+        assert (d.allowed, d.rule) == (False, denied)
+    elif d.final:  # an address refused whatever allows it (addresses.py)
+        assert _idx_is_ip(host) and not d.allowed
+    elif (allowed := _scan(pol.allow, host)) is not None:
+        assert (d.allowed, d.rule) == (True, allowed)
+    else:
+        first = next((str(r) for r in pol.rules if r.host.matches(host)), None)
+        assert d.allowed == (first is not None) and d.rule == first

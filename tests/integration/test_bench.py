@@ -1,0 +1,49 @@
+"""scripts/bench --quick, as CI runs it: every candidate produces sane figures.
+
+No timing is asserted (the machine is shared): only that each number exists, is
+positive and finite, that the work succeeded everywhere, and that panopticon logged it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root and network namespaces"),
+]
+
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+
+
+def test_quick_bench_produces_sane_numbers():
+    with tempfile.TemporaryDirectory(prefix="pnt-bench-test-") as d:
+        out_json = Path(d) / "bench.json"
+        out = subprocess.run([str(BENCH), "--quick", "--json", str(out_json)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out_json.read_text())
+    s = result["summary"]
+    assert set(s) == {"direct", "mitmdump", "panopticon"}
+    for name, c in s.items():
+        assert c["failures"] == [], (name, c["failures"])
+        assert c["download_ok"], name
+        for key in ("startup_s", "keepalive_c1_rps", "keepalive_c8_rps", "newconn_c1_rps",
+                    "keepalive_c1_p50_ms", "download_mb_s", "sse_first_event_ms"):
+            assert c[key] is not None and math.isfinite(c[key]) and c[key] > 0, (name, key)
+        assert all(c[f"{k}_errors"] == 0 for k in ("keepalive_c1", "keepalive_c8", "newconn_c1")), c
+    for name in ("mitmdump", "panopticon"):
+        assert 10 < s[name]["idle_mb"] < 2000 and s[name]["download_peak_mb"] > 10
+    # Every request went through panopticon's log.
+    assert s["panopticon"]["log_records"] > 10
+    assert "srt" in out.stdout and "policy decide" in out.stdout
+    assert result["policy"]["rules"] == 10000
+    assert all(v > 0 for v in result["policy"]["us_per_decide"].values())
+    assert {"rules", "proxy-ready"} <= set(result["steps"])

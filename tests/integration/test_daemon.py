@@ -328,13 +328,21 @@ def test_proxy_killed_under_traffic_leaks_nothing_and_recovers(lab, daemon, cana
     dead_until = boottime_start(new)
     daemon.wait_event("proxy-restarted", pid=str(new))
 
-    # Requests that started while no proxy existed: all failed, none reached a server.
-    window = [t for t in daemon.traffic() if dead_from <= t["start"] < dead_until]
-    assert len({t["kind"] for t in window}) == 2, window  # both paths were tried meanwhile
-    assert all(not t["ok"] for t in window), [t for t in window if t["ok"]]
+    # Requests that ran entirely while no proxy existed: all failed, none reached a
+    # server. (One that overlaps the recovery may rightly succeed after it: a lookup that
+    # waited for the new DNS listener, say.) Under load one attempt can span the whole
+    # absence, so the premise is "something overlapped it", checked, not assumed.
+    traffic = daemon.traffic()
+    overlap = [t for t in traffic if t["start"] < dead_until and t.get("end", 1e18) > dead_from]
+    assert overlap, "no attempt overlapped the proxy's absence: the test proved nothing"
+    inside = [t for t in traffic if dead_from <= t["start"] and t["end"] <= dead_until]
+    assert all(not t["ok"] for t in inside), [t for t in inside if t["ok"]]
     reached = {e.get("path") for e in lab.events(since=mark)}
-    leaked = [t for t in window if f"/traffic/{canary}/{t['n']}" in reached]
+    leaked = [t for t in inside if f"/traffic/{canary}/{t['n']}" in reached]
     assert leaked == []
+    # An attempt that failed because the proxy was gone left no trace upstream either.
+    failed = [t for t in overlap if not t["ok"]]
+    assert not [t for t in failed if f"/traffic/{canary}/{t['n']}" in reached]
     # Positive control: after the recovery the same requests get through again, and the
     # servers log them.
     after = lab.wait_for(lambda: [t for t in daemon.traffic()

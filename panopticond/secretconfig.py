@@ -17,6 +17,7 @@ can say whether a source is usable without ever printing a value.
     headers_only = false               # swap in headers only, not in the URL or body
     allow_plaintext = false            # also swap over plain HTTP
     on_tripwire = "deny"               # or "kill": a tripwire also ends the agent
+    exclusive = false                  # refuse any other credential to these domains
 
     [defaults]
     dlp = "block"                      # or "log": what a credential shape in a request does
@@ -37,7 +38,7 @@ from panopticond import dlp
 
 KEYS = ("secrets", "dlp", "dlp_patterns")
 SECRET_KEYS = ("domains", "file", "env", "credential", "placeholder", "env_name",
-               "headers_only", "allow_plaintext", "on_tripwire")
+               "headers_only", "allow_plaintext", "on_tripwire", "exclusive")
 SOURCES = ("file", "env", "credential")
 DLP_MODES = ("block", "log")
 ON_TRIPWIRE = ("deny", "kill")
@@ -74,6 +75,8 @@ class SecretSpec:
     headers_only: bool = False
     allow_plaintext: bool = False
     on_tripwire: Literal["deny", "kill"] = "deny"
+    # On its domains, a credential header must carry a placeholder (threat 36).
+    exclusive: bool = False
     # Where it is configured, for errors found when its value is read at start.
     file: str = dataclasses.field(default="", compare=False)
     line: int | None = dataclasses.field(default=None, compare=False)
@@ -85,7 +88,7 @@ class SecretSpec:
             "name": self.name, "domains": list(self.domains), "source": self.source,
             self.source: self.ref, "placeholder": self.placeholder, "env_name": self.env_name,
             "headers_only": self.headers_only, "allow_plaintext": self.allow_plaintext,
-            "on_tripwire": self.on_tripwire,
+            "on_tripwire": self.on_tripwire, "exclusive": self.exclusive,
         }
 
 
@@ -162,7 +165,7 @@ def _secret(checker, name: str, raw: Any, p: tuple) -> SecretSpec:
                      f"the agent's variable {env_name} is set by panopticon itself",
                      hint="choose another env_name")
     flags = {k: checker.boolean(t[k], (*p, k))
-             for k in ("headers_only", "allow_plaintext") if k in t}
+             for k in ("headers_only", "allow_plaintext", "exclusive") if k in t}
     on_tripwire = "deny"
     if "on_tripwire" in t:
         on_tripwire = checker.string(t["on_tripwire"], (*p, "on_tripwire"))

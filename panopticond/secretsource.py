@@ -15,7 +15,7 @@ The file's schema (`proxy_doc`, read back strictly by `parse_doc`):
 
     {"version": 1, "dlp": "block" | "log", "dlp_patterns": [[name, regex], ...],
      "secrets": [{"name", "domains": [...], "placeholder", "value", "headers_only",
-                  "allow_plaintext", "on_tripwire"}, ...]}
+                  "allow_plaintext", "on_tripwire", "exclusive"}, ...]}
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def proxy_doc(loaded: Sequence[Loaded], dlp: str = "block",
             "name": s.spec.name, "domains": list(s.spec.domains), "placeholder": s.placeholder,
             "value": s.value, "headers_only": s.spec.headers_only,
             "allow_plaintext": s.spec.allow_plaintext, "on_tripwire": s.spec.on_tripwire,
+            "exclusive": s.spec.exclusive,
         } for s in loaded],
     }
 
@@ -186,7 +187,7 @@ def parse_doc(doc: Any) -> dict[str, Any]:
     if not isinstance(items, list):
         raise ValueError("'secrets' must be a list")
     keys = {"name", "domains", "placeholder", "value", "headers_only", "allow_plaintext",
-            "on_tripwire"}
+            "on_tripwire", "exclusive"}
     for i, s in enumerate(items):
         if not isinstance(s, dict) or set(s) != keys:
             raise ValueError(f"secret #{i} does not have exactly the keys {sorted(keys)}")
@@ -196,7 +197,7 @@ def parse_doc(doc: Any) -> dict[str, Any]:
         if not isinstance(s["domains"], list) or not s["domains"] or \
                 not all(isinstance(d, str) for d in s["domains"]):
             raise ValueError(f"secret {s['name']}: 'domains' must be a list of host patterns")
-        for k in ("headers_only", "allow_plaintext"):
+        for k in ("headers_only", "allow_plaintext", "exclusive"):
             if not isinstance(s[k], bool):
                 raise ValueError(f"secret {s['name']}: {k!r} must be true or false")
         if s["on_tripwire"] not in ON_TRIPWIRE:

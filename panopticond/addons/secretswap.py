@@ -62,6 +62,10 @@ DECODE_LIMIT = 64 * 1024 * 1024  # largest buffered body we decode (a bomb stops
 INTERNAL = "internal error in the proxy"
 UNAVAILABLE = "the secrets are not loaded"
 MAX_BYTES = 16 * 1024 * 1024
+# Where a client puts its own credential: on an `exclusive` secret's domains each must
+# carry a placeholder (threat 36). A fixed list, not a setting: one list to audit.
+CREDENTIAL_HEADERS = frozenset((b"authorization", b"proxy-authorization", b"x-api-key",
+                                b"api-key", b"x-auth-token"))
 
 
 # --- what the proxy knows: the secrets file --------------------------------------------
@@ -76,6 +80,7 @@ class Bound:
     headers_only: bool = False
     allow_plaintext: bool = False
     on_tripwire: str = "deny"
+    exclusive: bool = False
 
     def matches(self, host: str | None) -> bool:
         return host is not None and any(p.matches(host) for p in self.domains)
@@ -91,7 +96,7 @@ class Rules:
         items = parsed["secrets"]
         self.bound = {s["name"]: Bound(
             s["name"], tuple(HostPattern.parse(d) for d in s["domains"]), s["headers_only"],
-            s["allow_plaintext"], s["on_tripwire"]) for s in items}
+            s["allow_plaintext"], s["on_tripwire"], s["exclusive"]) for s in items}
         secrets = [secretscan.Secret(s["name"], s["placeholder"].encode(), s["value"].encode())
                    for s in items]
         self.catalog = secretscan.Catalog(secrets, dlp.rules(parsed["dlp_patterns"]))
@@ -110,6 +115,28 @@ class Rules:
 
     def bound_here(self, host: str | None) -> bool:
         return any(b.matches(host) for b in self.bound.values())
+
+    def foreign_credential(self, host: str | None, fields) -> tuple[str, str] | None:
+        """On the domains of an `exclusive` secret, the first credential header (of
+        `fields`, the request's (name, value) pairs) that carries no placeholder of a
+        secret bound there, as the swap finds one (anywhere in the value, or inside
+        Basic's base64): (the secrets' names, the header's name). None if all is well.
+        Empty headers carry nothing. Never the value."""
+        bound = [b for b in self.bound.values() if b.matches(host)]
+        owners = sorted(b.name for b in bound if b.exclusive)
+        if not owners:
+            return None
+        placeholders = [self.catalog.secrets[b.name].placeholder for b in bound]
+        for name, value in fields:
+            if name.lower() not in CREDENTIAL_HEADERS or not value.strip():
+                continue
+            views = [value]
+            decoded = _basic_decoded(name, value)
+            if decoded is not None:
+                views.append(decoded)
+            if not any(ph in v for ph in placeholders for v in views):
+                return ", ".join(owners), name.decode("latin-1").lower()
+        return None
 
 
 class SecretsFile:
@@ -603,6 +630,15 @@ class SecretGuard:
             refusal = self.core.handle(flow, rules, hits, where, host)
             if refusal:
                 return _refuse(flow, "requestheaders", 403, refusal[1], refusal[0], host)
+        foreign = rules.foreign_credential(host, req.headers.fields)
+        if foreign:
+            owners, header = foreign
+            reason = (f"exclusive: the {header} header to a domain of secret {owners} "
+                      "carries a credential other than its placeholder")
+            logger.warning(f"panopticon: {reason} ({verdict.printable(host or '')})")
+            return _refuse(flow, "requestheaders", 403, f"panopticon: blocked: {reason}; only "
+                           "the placeholder the agent was given may be sent there.\n", reason,
+                           host)
 
     # -- responses (and the requests of inbound flows)
 

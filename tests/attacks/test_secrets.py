@@ -77,9 +77,7 @@ S(35, "the proxy's memory and environment", "proc", uid=lib.PROXY_UID,
 
 # -- 36 the agent's own credentials on a secret's domain -----------------------------------------
 S(36, "another credential to the secret's domain", "curl", expect=lib.status(403),
-  argv=["-H", "Authorization: Bearer own-token-@T@", f"https://{BOUND}/@T@"],
-  xfail="MISSING: no option refuses a credential other than the placeholder on a secret's "
-        "domain (catalogue 36)")
+  argv=["-H", "Authorization: Bearer own-token-@T@", f"https://{BOUND}/@T@"])
 
 # -- 37 DLP after decoding; undecodable refused; split across chunks -----------------------------
 S(37, "gzip-compressed body with the placeholder", "exec", expect=lambda r: "403" in r["stdout"],
@@ -152,7 +150,8 @@ def secrets_run(attack_lab, run_jail):
         secret_file = work.write("labkey", VALUE + "\n", mode=0o600)
         config = jail.config_text(attack_lab, [BOUND, OTHER, jail.V4_ONLY[0], "*.wild.example"],
                                   f'[defaults.secrets.LABKEY]\ndomains = ["{BOUND}"]\n'
-                                  f'file = "{secret_file}"\nenv_name = "LAB_API_KEY"\n')
+                                  f'file = "{secret_file}"\nenv_name = "LAB_API_KEY"\n'
+                                  'exclusive = true\n')
         yield run_jail(attack_lab, J, config, {
             "SECRET_FILE": str(secret_file), "CONFIG": str(work.path / "config.toml")},
             work=work)

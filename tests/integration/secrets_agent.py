@@ -153,6 +153,9 @@ check("breach_other")(lambda: request("https", OTHER, "POST", f"/breach/other/{C
                                       f"stolen={LEAKED}".encode()))
 check("breach_bound")(lambda: request("https", BOUND, "GET", f"/breach/bound/{CANARY}",
                                       {"Authorization": f"Bearer {LEAKED}"}))
+# LABKEY is `exclusive`: a credential of the agent's own to its domain is refused.
+check("own_credential")(lambda: request("https", BOUND, "GET", f"/own/{CANARY}",
+                                        {"X-Api-Key": "owntoken-1"}))  # short: no DLP hit
 check("dlp")(lambda: request("https", OTHER, "POST", f"/dlp/{CANARY}", {},
                              b"my token ghp_" + b"Zx9Qw8Er7Ty6Ui5Op4As3Df2Gh1Jk0LmNbVc"))
 

@@ -2,7 +2,7 @@
 
 One jail runs `secrets_agent.py` as the agent. Four secrets, one per source and option:
 
-    LABKEY     file, bound to api.allowed.example, placeholder given by default
+    LABKEY     file, bound to api.allowed.example, placeholder given by default, exclusive
     RANDKEY    the daemon's environment, "random" placeholder, headers_only
     PLAINKEY   a systemd credential ($CREDENTIALS_DIRECTORY), allow_plaintext, bound to www
     BREACHKEY  file; its real value is "leaked" to the agent, to show a breach is caught
@@ -66,6 +66,7 @@ def secrets_toml(work: Path, creds: str, kill: bool = False) -> str:
 domains = ["{BOUND}"]
 file = "{work}/labkey"
 env_name = "LAB_API_KEY"
+exclusive = true
 {'on_tripwire = "kill"' if kill else ''}
 [defaults.secrets.RANDKEY]
 domains = ["{BOUND}"]
@@ -318,6 +319,16 @@ def test_dlp_blocks_a_credential_shape(probe):
     assert "github_token" in r["body"]
     assert not _events(probe, "/dlp/CANARY")
     assert [d["pattern"] for d in probe["records"] if d["kind"] == "dlp"] == ["github_token"]
+
+
+def test_exclusive_refuses_the_agents_own_credential_on_the_domain(probe):
+    # (Its positive control: swap_header, the placeholder to the same host, went.)
+    r = _ok(probe, "own_credential", 403)
+    assert "LABKEY" in r["body"] and "x-api-key" in r["body"]
+    assert not _events(probe, "/own/CANARY")  # the bound server saw nothing
+    (rec,) = [x for x in probe["records"] if "exclusive" in (x.get("reason") or "")]
+    assert rec["decision"] == "deny" and "secret LABKEY" in rec["reason"]
+    assert "owntoken" not in probe["log"] and "owntoken" not in probe["stderr"]
 
 
 # --- what the agent cannot reach, and what never holds a value ----------------------------

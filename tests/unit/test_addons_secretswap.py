@@ -38,10 +38,10 @@ def spec(name, domains, ph, **kw):
     return SecretSpec(name, tuple(domains), "env", "X", ph, name, **kw)
 
 
-def write_secrets(path, dlp="block", patterns=(), kill=False):
+def write_secrets(path, dlp="block", patterns=(), kill=False, exclusive=False):
     loaded = [
-        secretsource.Loaded(spec("OPENAI", [BOUND], PH,
-                                 on_tripwire="kill" if kill else "deny"), REAL, PH),
+        secretsource.Loaded(spec("OPENAI", [BOUND], PH, on_tripwire="kill" if kill else "deny",
+                                 exclusive=exclusive), REAL, PH),
         secretsource.Loaded(spec("LEGACY", [LEGACY], PH_PLAIN, allow_plaintext=True),
                             REAL_PLAIN, PH_PLAIN),
         secretsource.Loaded(spec("HDRONLY", [BOUND], PH_HDR, headers_only=True), REAL_HDR,
@@ -286,6 +286,33 @@ def test_kill_trips_the_whole_jail(jail, paths):
     g = req(BOUND, "/", {"authorization": f"Bearer {PH}"})
     assert jail.run(g) is None and g.response.status_code == 403
     assert "stopping" in g.response.text
+
+
+def test_exclusive_refuses_the_agents_own_credentials_on_the_domain(jail, paths):
+    write_secrets(paths["secrets"], exclusive=True)
+    jail.core.file.load(str(paths["secrets"]))
+    for name, value in (("authorization", "Bearer own-token-123"), ("x-api-key", "mine"),
+                        ("Api-Key", "mine"), ("x-auth-token", "mine"),
+                        ("authorization", "Basic " + b64("me:own-password"))):
+        f = req(BOUND, "/", {name: value, "x-other": "not a credential header"})
+        assert jail.run(f) is None and f.response.status_code == 403, name
+        assert "OPENAI" in f.response.text and value not in f.response.text
+    recs = jail.records("http")
+    assert len(recs) == 5 and all(r["decision"] == "deny" and "exclusive" in r["reason"]
+                                  and "secret OPENAI" in r["reason"] for r in recs)
+    assert not [r for r in recs if "own-" in json.dumps(r) or "mine" in json.dumps(r)]
+    # Positive controls: the placeholders of secrets bound here (as the swap finds them,
+    # Basic too), no credential header, an empty one; another domain is not concerned.
+    for headers in ({"authorization": f"Bearer {PH}"}, {"x-api-key": PH_HDR},
+                    {"authorization": "Basic " + b64(f"me:{PH}")}, {}, {"x-api-key": ""},
+                    {"x-other": "anything"}):
+        sent = jail.run(req(BOUND, "/", headers))
+        assert sent is not None, headers
+    assert jail.run(req(OTHER, "/", {"authorization": "Bearer own-token-123"})) is not None
+
+
+def test_without_exclusive_the_agents_own_credentials_go(jail):
+    assert jail.run(req(BOUND, "/", {"authorization": "Bearer own-token-123"})) is not None
 
 
 # --- DLP ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ domains = ["api.github.com"]
 credential = "gh"
 headers_only = true
 allow_plaintext = true
+exclusive = true
 [agents.b.dlp_patterns]
 jwt = ""
 mine = "itk_[a-z]{8}"
@@ -55,6 +56,7 @@ mine = "itk_[a-z]{8}"
     assert (b["OPENAI"].source, b["OPENAI"].placeholder, b["OPENAI"].on_tripwire,
             b["OPENAI"].env_name) == ("env", "random", "kill", "OPENAI")
     assert b["GH"].headers_only and b["GH"].allow_plaintext and b["GH"].source == "credential"
+    assert b["GH"].exclusive and not b["OPENAI"].exclusive and not a.exclusive
     assert cfg.agents["b"].dlp == "log" and cfg.agents["a"].dlp == "block"
     assert dict(cfg.agents["b"].dlp_patterns) == {"jwt": "", "mine": "itk_[a-z]{8}"}
     # Sources are named, values never read.
@@ -85,6 +87,8 @@ mine = "itk_[a-z]{8}"
      "defaults.secrets.X.on_tripwire", 4, "unknown action"),
     ('[defaults.secrets.X]\ndomains = ["a.com"]\nfile = "/x"\nheaders_only = "yes"\n',
      "defaults.secrets.X.headers_only", 4, "true or false"),
+    ('[defaults.secrets.X]\ndomains = ["a.com"]\nfile = "/x"\nexclusive = 1\n',
+     "defaults.secrets.X.exclusive", 4, "true or false"),
     ('[defaults.secrets.X]\ndomains = ["a.com"]\nfile = "/x"\nvalue = "sk-123"\n',
      "defaults.secrets.X.value", 4, "unknown key"),
     ('[defaults.secrets."bad name"]\ndomains = ["a.com"]\nfile = "/x"\n',

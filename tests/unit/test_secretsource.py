@@ -113,6 +113,7 @@ def test_the_proxy_document_round_trips_and_is_checked(tmp_path):
     assert s["value"] == VALUE and s["headers_only"] and s["domains"] == ["api.openai.com"]
     for bad in ({}, {"version": 2}, {**doc, "x": 1}, {**doc, "dlp": "maybe"},
                 {**doc, "secrets": [{**doc["secrets"][0], "on_tripwire": "boom"}]},
+                {**doc, "secrets": [{**doc["secrets"][0], "exclusive": "yes"}]},
                 {**doc, "secrets": [{**doc["secrets"][0], "domains": []}]},
                 {**doc, "secrets": [{k: v for k, v in doc["secrets"][0].items() if k != "name"}]}):
         with pytest.raises(ValueError) as e:

@@ -523,7 +523,8 @@ class _Checker:
         url = self.string(t["url"], (*p, "url"))
         if not re.fullmatch(r"(https?)://[^/?#@\s]+(?:[/?][^\s]*)?", url):
             self.fail(
-                (*p, "url"), f"{url!r} is not an http:// or https:// URL (without user:password@)",
+                (*p, "url"), "not an http:// or https:// URL (without user:password@); "
+                "the value is not repeated here: a webhook URL may be a credential",
                 hint='url = "https://alerts.example/hook"; authenticate with secret_file',
             )
         events: tuple[str, ...] = WEBHOOK_EVENTS
@@ -869,6 +870,9 @@ def _describe(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
              list: "an array", dict: "a table"}
     name = names.get(type(value), "a date/time")
+    if isinstance(value, str) and len(value) > 16:
+        # A value in the wrong place may be a credential: errors reach the journal.
+        return f"{name} ({json.dumps(value[:4] + '...')}, {len(value)} characters)"
     if isinstance(value, (bool, int, float, str)):
         return f"{name} ({json.dumps(value)})"
     return name

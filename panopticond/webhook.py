@@ -44,6 +44,7 @@ import random
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -86,6 +87,20 @@ def sign(secret: bytes, body: bytes) -> str:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):  # a POST is never silently re-sent
         return None
+
+
+def shown_url(url: str) -> str:
+    """The URL as logs and status pages show it: scheme and host only. Webhook URLs often
+    are credentials themselves (Slack's, Discord's carry a token in the path)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}/..."
 
 
 class Sender:
@@ -151,7 +166,7 @@ class Sender:
     def status(self) -> dict[str, Any]:
         with self._cond:
             return {
-                "url": self.url,
+                "url": shown_url(self.url),
                 "ok": not self._failing,
                 "queued": len(self._queue),
                 "sent": self.sent,
@@ -193,12 +208,12 @@ class Sender:
                     self.sent += len(batch)
                     self.last_success_at = _now()
                     if self._failing:
-                        log.warning("webhook: delivering to %s again", self.url)
+                        log.warning("webhook: delivering to %s again", shown_url(self.url))
                     self._failing = False
                     return
                 self.last_error, self.last_error_at = error, _now()
                 if not self._failing:
-                    log.error("webhook: cannot deliver to %s: %s", self.url, error)
+                    log.error("webhook: cannot deliver to %s: %s", shown_url(self.url), error)
                 self._failing = True
                 if not retry or attempt == self.max_attempts:
                     break

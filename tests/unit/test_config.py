@@ -679,3 +679,14 @@ def test_health_is_a_loopback_address_and_port_of_one_agent_only():
         assert error(f'[agents.a]\nhealth = "{bad}"\n').key == "agents.a.health", bad
     # Per agent only: a default would put every agent on one port.
     assert error('[defaults]\nhealth = "127.0.0.1:1"\n').key == "defaults.health"
+
+
+def test_a_long_value_in_the_wrong_place_is_not_repeated_in_the_error():
+    # A credential pasted where a number belongs must not reach the journal whole.
+    value = "sk-live-0123456789abcdefghijklmnop"
+    text = f'[defaults]\nlog_keep = "{value}"\n'
+    with pytest.raises(ConfigError) as e:
+        loads(text, "/etc/panopticon/config.toml")
+    msg = str(e.value)
+    assert "/etc/panopticon/config.toml:2" in msg and "log_keep" in msg
+    assert "0123456789abcdefghijklmnop" not in msg and f"{len(value)} characters" in msg

@@ -227,3 +227,13 @@ def test_monitor_without_a_webhook_still_watches_the_log(tmp_path, caplog):
     m.stop()
     assert m.status() == {"ok": True, "log": json.loads(status.read_text()), "webhook": None}
     assert any("rotation failing" in r.getMessage() for r in caplog.records)
+
+
+def test_the_url_is_shown_without_its_path_or_query():
+    from panopticond.webhook import shown_url
+
+    secret_url = "https://hooks.example.com/services/T000/B000/XXXXsecretXXXX?token=abc"
+    shown = shown_url(secret_url)
+    assert shown == "https://hooks.example.com/..."
+    assert "secret" not in shown and "token" not in shown
+    assert shown_url("http://[2001:db8::1]:8080/x") == "http://[2001:db8::1]:8080/..."

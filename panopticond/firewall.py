@@ -183,6 +183,78 @@ def _netns_path(netns: str) -> str:
     return os.path.join(NETNS_DIR, netns)
 
 
+# Children started ahead of their jobs (`prestart`), per family: (process, connection).
+_warm: dict[int, list[tuple[Any, Any]]] = {}
+
+
+def prestart(families: Iterable[int] = (4, 6)) -> None:
+    """Start one child per family now; it runs every later `apply`/`apply_each`/`verify`/
+    `remove_host_rules` of its family in this process, until `discard_prestarted()`.
+
+    Nearly all of a child's cost is `import iptc`: started first, it overlaps whatever
+    the caller does meanwhile, and is paid once for the start and the teardown of a jail.
+    A warm child does nothing but import until it gets a job, and runs each job exactly
+    as a fresh child would (tables re-opened in the job's namespace, home after): the
+    order and the checks of the operations are unchanged. One that failed a job, died or
+    stopped answering is never used again. Unused ones end with the caller (daemonic,
+    and EOF on their pipe).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    for family in families:
+        if family not in (4, 6):
+            raise ValueError(f"family is 4 or 6, not {family!r}")
+        if _warm.get(family):
+            continue
+        mine, theirs = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=_iptc_worker.serve, args=(theirs,),
+                           name=f"panopticon-iptables-ipv{family}", daemon=True)
+        proc.start()
+        theirs.close()
+        _warm[family] = [(proc, mine)]
+
+
+def discard_prestarted() -> None:
+    """End the children `prestart` started."""
+    while _warm:
+        _, pool = _warm.popitem()
+        for proc, conn in pool:
+            _end(proc, conn)
+
+
+def _end(proc: Any, conn: Any) -> None:
+    conn.close()  # EOF: a warm child waiting for a job ends by itself
+    proc.join(1)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+def _child_for(ctx: Any, op: str, family: int, netns: str | None,
+               payload: Any) -> tuple[Any, Any, bool]:
+    """(process, connection, warm) running `op` for `family`: a prestarted child, taken
+    out of the pool until it has answered, or a new one."""
+    pool = _warm.get(family)
+    while pool:
+        proc, conn = pool.pop()
+        try:
+            if not proc.is_alive():
+                raise OSError("gone")
+            conn.send((op, family, netns, payload))
+            return proc, conn, True
+        except OSError:
+            _end(proc, conn)
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_iptc_worker.main,
+        args=(send, op, family, netns, payload),
+        name=f"panopticon-iptables-ipv{family}",
+        daemon=True,
+    )
+    proc.start()
+    send.close()
+    return proc, recv, False
+
+
 def _run(op: str, jobs: dict[int, Any], netns: str | None) -> list[str]:
     """Run one child per family in parallel; their differences, or PanopticonError."""
     if netns is not None:
@@ -191,30 +263,29 @@ def _run(op: str, jobs: dict[int, Any], netns: str | None) -> list[str]:
     started = []
     try:
         for family, payload in sorted(jobs.items()):
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=_iptc_worker.main,
-                args=(send, op, family, netns, payload),
-                name=f"panopticon-iptables-ipv{family}",
-                daemon=True,
-            )
-            proc.start()
-            send.close()
-            started.append((family, proc, recv))
+            proc, recv, warm = _child_for(ctx, op, family, netns, payload)
+            started.append((family, proc, recv, warm))
 
         deadline = time.monotonic() + CHILD_TIMEOUT
         problems: list[str] = []
         errors: list[str] = []
-        for family, proc, recv in started:
-            status, value = "error", f"no answer within {CHILD_TIMEOUT:.0f} s"
-            try:
-                if recv.poll(max(0.0, deadline - time.monotonic())):
-                    status, value = recv.recv()
-            except EOFError:
-                proc.join(5)
-                value = f"the child process died (exit code {proc.exitcode})"
+        reusable = []
+        for i, (family, proc, recv, warm) in enumerate(list(started)):
+            status, value = _answer(proc, recv, deadline)
+            if warm and status is None:
+                # A warm child that died before answering (killed while it waited, say):
+                # every operation is idempotent, so a fresh child does it again.
+                _end(proc, recv)
+                _warm.pop(family, None)
+                proc, recv, warm = _child_for(ctx, op, family, netns, jobs[family])
+                started[i] = (family, proc, recv, warm)
+                status, value = _answer(proc, recv, deadline)
+            if status is None:
+                status = "error"
             if status == "ok":
                 problems += value
+                if warm:
+                    reusable.append(family)
             else:
                 errors.append(f"IPv{family}: {value}")
         if errors:
@@ -222,14 +293,25 @@ def _run(op: str, jobs: dict[int, Any], netns: str | None) -> list[str]:
                 f"iptables {op} failed {_where(netns)}:\n  " + "\n  ".join(errors),
                 hint=_hint(netns, jobs),
             )
+        for family, proc, recv, _ in started:
+            if family in reusable:
+                _warm.setdefault(family, []).append((proc, recv))
+        started = [s for s in started if s[0] not in reusable]
         return problems
     finally:
-        for _, proc, recv in started:
-            recv.close()
-            proc.join(1)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        for _, proc, recv, _ in started:
+            _end(proc, recv)
+
+
+def _answer(proc: Any, recv: Any, deadline: float) -> tuple[str | None, Any]:
+    """A child's (status, value); (None, why) if it died without answering."""
+    try:
+        if recv.poll(max(0.0, deadline - time.monotonic())):
+            return recv.recv()
+    except (EOFError, OSError):  # a socketpair (warm child) may say ECONNRESET instead
+        proc.join(5)
+        return None, f"the child process died (exit code {proc.exitcode})"
+    return "error", f"no answer within {CHILD_TIMEOUT:.0f} s"
 
 
 # ---------------------------------------------------------------------- child side

@@ -396,13 +396,19 @@ class Instance:
             self.proxy.stop()
 
     def _remove_host_rules_stopping_proxy(self) -> None:
-        """The host's rules go while the proxy stops (before, they went first): each takes
-        a few hundred ms (a spawned iptables child; mitmproxy's shutdown) and neither
-        needs the other. A failed removal is raised once the proxy has stopped."""
+        """The host's rules go while the proxy stops (before, they went first): neither
+        needs the other, and either may take a few hundred ms (a fresh iptables child
+        where none was prestarted, as in the daemon). A failed removal is raised once the
+        proxy has stopped."""
+        def timed(what: str, fn, *args) -> None:
+            t0 = time.monotonic()
+            fn(*args)
+            log.debug("teardown %s: %.0f ms", what, (time.monotonic() - t0) * 1000)
+
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            removal = pool.submit(firewall.remove_host_rules, self.names.tag)
+            removal = pool.submit(timed, "host-rules", firewall.remove_host_rules, self.names.tag)
             try:
-                self._stop_proxy()
+                timed("proxy-stop", self._stop_proxy)
             finally:
                 removal.result()
 

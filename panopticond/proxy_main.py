@@ -83,8 +83,37 @@ def _bracket_udp_ipv6() -> None:
     mode_servers.mitmproxy_rs.udp.start_udp_server = start_udp_server
 
 
+def _load_ca_once() -> None:
+    """mitmproxy 11.0's TlsConfig loads the CA (and checks its key, ~40-55 ms) when the
+    confdir is configured and again in its `running` hook (its own FIXME): the second
+    load of the same unchanged files is served from the first, keyed on their identity."""
+    from mitmproxy import certs
+
+    orig = certs.CertStore.from_store.__func__
+    cache: dict = {}
+
+    def from_store(cls, path, basename, key_size, passphrase=None):
+        ident = []
+        for kind in ("ca", "dhparam"):  # no dhparam file: mitmproxy's default ones
+            try:
+                st = os.stat(os.path.join(os.path.expanduser(str(path)), f"{basename}-{kind}.pem"))
+                ident.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                ident.append(None)
+        if ident[0] is None:
+            return orig(cls, path, basename, key_size, passphrase)  # it creates the CA
+        key = (str(path), basename, key_size, passphrase, tuple(ident))
+        if key not in cache:
+            cache.clear()
+            cache[key] = orig(cls, path, basename, key_size, passphrase)
+        return cache[key]
+
+    certs.CertStore.from_store = classmethod(from_store)
+
+
 async def _main(opts_path: str, ready_fd: int) -> int:
     _bracket_udp_ipv6()
+    _load_ca_once()
     with open(opts_path) as f:
         spec = json.load(f)
     # The operator's scripts: mitmdump -s would run on without one that fails to load;
@@ -116,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("tornado", "asyncio", "hpack", "quic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return asyncio.run(_main(args[0], int(args[1])))
+    rc = asyncio.run(_main(args[0], int(args[1])))
+    # Every record is written and the log closed by now (flowlog's `done` hook, before
+    # master.run() returned), and every task has ended with the loop. What is left is the
+    # interpreter's teardown of mitmproxy's module graph: skipped, it is on the path of
+    # every stop and writes nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

@@ -66,29 +66,30 @@ class _Rules:
         self.wild: set[str] = set()  # "x.y" for the rule "*.x.y"
         self.exceptions: set[str] = set()
         self.above: dict[str, str] = {}  # name -> one public suffix strictly under it
-        for text in texts:
-            for line in text.splitlines():
-                rule = line.strip().split(" ", 1)[0]
-                if not rule or rule.startswith("//"):
-                    continue
-                kind = self.normal
-                if rule.startswith("!"):
-                    rule, kind = rule[1:], self.exceptions
-                elif rule.startswith("*."):
-                    rule, kind = rule[2:], self.wild
-                name = _ascii(rule)
-                if name is None:
-                    continue
-                kind.add(name)
-                if kind is self.exceptions:
-                    continue
-                example = name if kind is self.normal else "*." + name
-                labels = name.split(".")
-                start = 1 if kind is self.normal else 0
-                for i in range(start, len(labels)):
-                    parent = ".".join(labels[i:])
-                    if parent != example:
-                        self.above.setdefault(parent, example)
+        # The lists overlap almost wholly: each rule once, in the order first seen (so
+        # `above` keeps the same example). Half the work on every config load.
+        for rule in dict.fromkeys(line.strip().split(" ", 1)[0]
+                                  for text in texts for line in text.splitlines()):
+            if not rule or rule.startswith("//"):
+                continue
+            kind = self.normal
+            if rule.startswith("!"):
+                rule, kind = rule[1:], self.exceptions
+            elif rule.startswith("*."):
+                rule, kind = rule[2:], self.wild
+            name = _ascii(rule)
+            if name is None:
+                continue
+            kind.add(name)
+            if kind is self.exceptions:
+                continue
+            example = name if kind is self.normal else "*." + name
+            labels = name.split(".")
+            start = 1 if kind is self.normal else 0
+            for i in range(start, len(labels)):
+                parent = ".".join(labels[i:])
+                if parent != example:
+                    self.above.setdefault(parent, example)
 
     def is_suffix(self, name: str) -> bool:
         if name in self.exceptions:

@@ -419,3 +419,50 @@ def test_apply_each_puts_every_set_in_its_own_namespace(make_ns):
         assert f"PANO-{tag.upper()}" not in in_jail
         assert ":OUTPUT DROP" in in_jail and ":OUTPUT DROP" not in in_host
         assert "REDIRECT" not in in_host
+
+
+def test_prestarted_children_serve_start_and_teardown_in_the_right_namespaces(make_ns):
+    """`prestart` (panopticon run): the same two warm children apply the jail's and the
+    host's rules, then remove the host's; a warm child killed while it waits is replaced
+    by a fresh one, and the operation still happens. Run from inside a "host" namespace."""
+    j, h = make_ns("pj"), make_ns("ph")
+    tag = "f4c5d6e7"
+    code = (
+        "import os, signal, sys; from panopticond import firewall, rules\n"
+        "jail = [rules.jail_rules(f, proxy_uid=%d, transparent_port=%d, dns_port=%d, "
+        "dns_servers=%r) for f in (4, 6)]\n"
+        "host = [rules.host_rules(f, tag=%r, veth_host='pnh-p', subnet=s, "
+        "dns_servers=['10.0.0.2', '2001:db8:ff::53']) for f, s in ((4, '10.250.0.0/24'), "
+        "(6, 'fd99:1::/64'))]\n"
+        "pids = lambda: {f: [p.pid for p, _ in pool] for f, pool in firewall._warm.items()}\n"
+        "firewall.prestart()\n"
+        "before = pids()\n"
+        "firewall.apply_each([(jail, sys.argv[1]), (host, None)])\n"
+        "assert pids() == before, (before, pids())\n"
+        "print('applied', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "os.kill(firewall._warm[4][0][0].pid, signal.SIGKILL)\n"
+        "firewall.remove_host_rules(%r)\n"
+        "assert pids()[6] == before[6] and pids().get(4) != before[4], (before, pids())\n"
+        "firewall.discard_prestarted()\n"
+    ) % (PROXY_UID, T, D, DNS, tag, tag)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(["ip", "netns", "exec", h, "env", f"PYTHONPATH={repo}",
+                             sys.executable, "-c", code, j], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "applied\n", proc.stderr.read()
+        assert firewall.verify([jail(4), jail(6)], j) == []
+        assert firewall.verify([host(4, tag, "pnh-p"), host(6, tag, "pnh-p")], h) == []
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert firewall.verify([jail(4), jail(6)], j) == []
+    for family in (4, 6):
+        assert f"PANO-{tag.upper()}" not in in_ns(h, SAVE[family]).stdout
+        assert ":OUTPUT DROP" in in_ns(j, SAVE[family]).stdout

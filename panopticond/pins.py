@@ -15,6 +15,7 @@ so a flood of lookups costs bounded memory.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -25,6 +26,7 @@ MAX_TTL = 3600
 MAX_ENTRIES = 65536
 
 
+@functools.lru_cache(maxsize=4096)  # per request, on the same few addresses
 def canonical_ip(address: str) -> str:
     """The canonical text of an IP address (ValueError if it is none)."""
     return str(ipaddress.ip_address(address.split("%", 1)[0]))

@@ -25,6 +25,7 @@ from panopticond.addons.dnsfilter import DnsFilter
 from panopticond.addons.enforce import Enforce
 from panopticond.addons.finalguard import FinalGuard
 from panopticond.addons.flowlog import FlowLog
+from panopticond.addons.gcfreeze import GcFreeze
 from panopticond.addons.headers import AddHeaders
 from panopticond.addons.inbound import Inbound
 from panopticond.addons.operator_addons import Boundary
@@ -52,9 +53,9 @@ def all_addons(operator: list | tuple = ()) -> list:
         SecretDns(secrets),  # moved ahead of mitmproxy's resolver with DnsFilter
         DnsFilter(policy),
         AddHeaders(policy),
-        boundary.opening,
-        *operator,
-        boundary.closing,
+        # Without operator addons the guards check nothing; each would still cost a
+        # dispatch of every event (issue 8).
+        *((boundary.opening, *operator, boundary.closing) if operator else ()),
         FlowLog(),
         # The real values go in last: no addon of the operator's sees one.
         SecretSwap(secrets),
@@ -66,7 +67,7 @@ def install(master, operator: list | tuple = ()) -> list:
     """Add `all_addons(operator)` to `master` (before it runs) and move SecretDns and
     DnsFilter ahead of mitmproxy's DNS resolver. Returns the addons."""
     addons = all_addons(operator)
-    master.addons.add(*addons)
+    master.addons.add(GcFreeze(), *addons)
     firsts = [a for a in addons if isinstance(a, (SecretDns, DnsFilter))]
     resolver = master.addons.get("dnsresolver")
     chain = master.addons.chain

@@ -65,19 +65,27 @@ def gate(master, client, address):
 
 
 def test_all_addons_are_fresh_and_ordered():
-    a, b = pa.all_addons(), pa.all_addons()
+    class Operator:
+        pass
+
+    a, b = pa.all_addons([Operator()]), pa.all_addons([Operator()])
     assert [type(x).__name__ for x in a] == ["Inbound", "Enforce", "Binding", "SecretGuard",
                                              "SecretDns", "DnsFilter", "AddHeaders",
-                                             "_Guard", "_Guard", "FlowLog", "SecretSwap",
-                                             "FinalGuard"]
+                                             "_Guard", "Operator", "_Guard", "FlowLog",
+                                             "SecretSwap", "FinalGuard"]
     assert not set(map(id, a)) & set(map(id, b))
-    (inbound, enforce, binding, secretguard, secretdns, dnsfilter, headers, opening, closing,
-     _, secretswap, guard) = a
+    (inbound, enforce, binding, secretguard, secretdns, dnsfilter, headers, opening, _,
+     closing, _, secretswap, guard) = a
     assert secretguard.core is secretdns.core is secretswap.core
     assert enforce.policy is binding.policy is dnsfilter.policy is headers.policy \
         is opening.boundary.policy
     assert opening.boundary is closing.boundary
     assert inbound.approvals is enforce.approvals is binding.approvals is guard.approvals
+
+
+def test_no_operator_addons_no_boundary_guards():
+    # They would check nothing and cost a dispatch of every event.
+    assert "_Guard" not in [type(x).__name__ for x in pa.all_addons()]
 
 
 def test_install_puts_dnsfilter_before_mitmproxys_resolver():

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from panopticond import rules
+from panopticond import addresses, rules
 from panopticond.addresses import (
     BLOCKED_RANGES,
     AddressGuard,
@@ -130,3 +130,15 @@ def test_the_kernel_and_the_proxy_agree(address, allowed):
     elif by_proxy:
         inner = embedded_ipv4(address)
         assert inner is not None and guard.refusal(inner)
+
+
+def test_guard_remembers_answers_and_stays_bounded(monkeypatch):
+    monkeypatch.setattr(addresses, "_KNOWN_MAX", 3)
+    g = addresses.AddressGuard()
+    assert g.refusal("127.0.0.1") == g.refusal("127.0.0.1") is not None
+    assert g.refusal("198.51.100.7") is None
+    assert g.refusal("not an address") is not None
+    for i in range(10):
+        assert g.refusal(f"203.0.113.{i}") is None
+    assert len(g._known) <= 3
+    assert g.refusal("127.0.0.1") is not None  # forgotten, answered again the same

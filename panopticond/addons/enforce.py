@@ -17,10 +17,8 @@ Where mitmproxy would otherwise fail open (threats.md), this addon closes:
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
-from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions, http, tcp, tls, udp
 from mitmproxy.proxy import layer as proxy_layer
@@ -47,26 +45,6 @@ REQUIRED_OPTIONS: dict[str, object] = {
 }
 
 INTERNAL_ERROR = "internal error in the proxy"
-
-
-def _fail_closed(on_error: Callable[..., None]):
-    """Run a hook; if it raises, log the error and apply `on_error(self, arg, hook_name)`."""
-
-    def wrap(hook):
-        @functools.wraps(hook)
-        def guarded(self, arg):
-            try:
-                return hook(self, arg)
-            except Exception:
-                logger.exception(f"panopticon: {hook.__name__} failed; denying")
-                try:
-                    on_error(self, arg, hook.__name__)
-                except Exception:
-                    logger.exception(f"panopticon: could not deny after {hook.__name__} failed")
-
-        return guarded
-
-    return wrap
 
 
 def _deny_internal(self, flow: http.HTTPFlow, phase: str) -> None:
@@ -136,7 +114,7 @@ class Enforce:
         client = data.context.client
         self.tls_decisions[client.id] = (client.sni or "", Decision(False, None, INTERNAL_ERROR))
 
-    @_fail_closed(_tls_refused)
+    @verdict.fail_closed(_tls_refused)
     def tls_clienthello(self, data: tls.ClientHelloData):
         # Passthrough would be a raw tunnel and an eager server handshake would dial
         # (and send the agent's SNI) before any decision: neither, whoever asked.
@@ -155,7 +133,7 @@ class Enforce:
         # blocked and how to allow it, instead of an opaque TLS alert. Every request
         # on the connection is then denied in requestheaders.
 
-    @_fail_closed(lambda self, nextlayer, phase: setattr(nextlayer, "layer", None))
+    @verdict.fail_closed(lambda self, nextlayer, phase: setattr(nextlayer, "layer", None))
     def next_layer(self, nextlayer: proxy_layer.NextLayer):
         # mitmproxy relays bytes it does not recognise as HTTP (rawtcp, ignore_hosts,
         # tcp_hosts, a server greeting). We want HTTP or nothing: the HTTP layer answers
@@ -175,7 +153,7 @@ class Enforce:
     def _gate_error(self, data: server_hooks.ServerConnectionHookData, phase: str) -> None:
         data.server.error = f"panopticon: {INTERNAL_ERROR}"
 
-    @_fail_closed(_gate_error)
+    @verdict.fail_closed(_gate_error)
     def server_connect(self, data: server_hooks.ServerConnectionHookData):
         if data.server.error:
             return
@@ -189,7 +167,7 @@ class Enforce:
 
     # Flow level
 
-    @_fail_closed(_kill_internal)
+    @verdict.fail_closed(_kill_internal)
     def http_connect(self, flow: http.HTTPFlow):
         # In transparent mode mitmproxy would treat a CONNECT as a tunnel to an upstream
         # proxy; there is none, and tunnels are not judged: always refuse.
@@ -197,7 +175,7 @@ class Enforce:
                        host=flow.request.host_header, by=BY)
         verdict.kill(flow)
 
-    @_fail_closed(_deny_internal)
+    @verdict.fail_closed(_deny_internal)
     def requestheaders(self, flow: http.HTTPFlow):
         # Judge at the headers: with stream_large_bodies a body is forwarded (and the
         # upstream dialled) before the `request` hook runs.
@@ -213,7 +191,7 @@ class Enforce:
             return
         self._judge(flow, "requestheaders")
 
-    @_fail_closed(_deny_internal)
+    @verdict.fail_closed(_deny_internal)
     def request(self, flow: http.HTTPFlow):
         if flow.error or not flow.live:
             return
@@ -227,7 +205,7 @@ class Enforce:
                               phase="request", reason=v["reason"], host=v.get("host"), by=BY,
                               rule=v.get("rule"))
 
-    @_fail_closed(_kill_internal)
+    @verdict.fail_closed(_kill_internal)
     def tcp_start(self, flow: tcp.TCPFlow):
         if self.approvals.relay(flow.client_conn) is not None:
             return  # a relay binding.py approved (passthrough, port rule): it records it
@@ -237,7 +215,7 @@ class Enforce:
                        host=flow.client_conn.sni, by=BY)
         verdict.kill(flow)
 
-    @_fail_closed(_kill_internal)
+    @verdict.fail_closed(_kill_internal)
     def udp_start(self, flow: udp.UDPFlow):
         verdict.record(flow, allowed=False, reason="UDP is not relayed",
                        host=flow.client_conn.sni, by=BY)

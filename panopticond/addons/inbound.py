@@ -39,12 +39,10 @@ Every hook fails closed: an exception kills the flow or refuses the connection.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import ipaddress
 import json
 import logging
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_plus
@@ -155,23 +153,7 @@ def _addr(address) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _fail_closed(on_error: Callable[[Any, Any], None]):
-    def wrap(hook):
-        @functools.wraps(hook)
-        def guarded(self, arg):
-            try:
-                return hook(self, arg)
-            except Exception:
-                logger.exception(f"panopticon: inbound {hook.__name__} failed; denying")
-                try:
-                    on_error(self, arg)
-                except Exception:
-                    logger.exception("panopticon: could not deny after an inbound hook failed")
-        return guarded
-    return wrap
-
-
-def _kill(self, flow) -> None:
+def _kill(self, flow, _hook: str = "") -> None:
     verdict.record(flow, allowed=False, reason=INTERNAL_ERROR, host=None, by=BY)
     verdict.kill(flow)
 
@@ -264,7 +246,7 @@ class Inbound:
     def client_disconnected(self, client: connection.Client):
         self.approvals.forget(client)
 
-    @_fail_closed(lambda self, nextlayer: setattr(nextlayer, "layer", None))
+    @verdict.fail_closed(lambda self, nextlayer, _: setattr(nextlayer, "layer", None), "inbound ")
     def next_layer(self, nextlayer: proxy_layer.NextLayer):
         context = nextlayer.context
         # Only the connection's first decision, the layer right under ReverseProxy (the
@@ -288,7 +270,7 @@ class Inbound:
             "reason": why, "rule": None, "duration_ms": None,
         })
 
-    @_fail_closed(lambda self, data: setattr(data, "ssl_conn", None))
+    @verdict.fail_closed(lambda self, data, _: setattr(data, "ssl_conn", None), "inbound ")
     def tls_start_client(self, data: tls.TlsData):
         client = data.context.client
         if not is_inbound(client) or data.is_dtls:
@@ -330,7 +312,7 @@ class Inbound:
 
     # Flow level
 
-    @_fail_closed(_kill)
+    @verdict.fail_closed(_kill, "inbound ")
     def requestheaders(self, flow: http.HTTPFlow):
         if not is_inbound(flow) or verdict.get(flow):
             return
@@ -378,7 +360,7 @@ class Inbound:
                        by=BY)
         self.approvals.approve(client, route.to)
 
-    @_fail_closed(_kill)
+    @verdict.fail_closed(_kill, "inbound ")
     def request(self, flow: http.HTTPFlow):
         if not is_inbound(flow) or flow.error or not flow.live:
             return
@@ -402,7 +384,7 @@ class Inbound:
             verdict.deny_http(flow, 403, "panopticon: request refused.\n", phase="request",
                               reason="the body matches a block pattern", host=v["host"], by=BY)
 
-    @_fail_closed(_kill)
+    @verdict.fail_closed(_kill, "inbound ")
     def websocket_message(self, flow: http.HTTPFlow):
         if not is_inbound(flow) or flow.websocket is None or not flow.websocket.messages:
             return

@@ -20,8 +20,9 @@ address that an allowed request on the same client connection asked for.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from mitmproxy import connection, dns, http
@@ -175,3 +176,27 @@ class Approvals:
         if is_dns and port == 53 and host in dns_upstreams:
             return None
         return "no allowed request asked for this destination"
+
+
+def fail_closed(on_error: Callable[..., None], what: str = ""):
+    """Decorate a hook `(self, arg)`: if it raises, log the error and apply
+    `on_error(self, arg, hook_name)`, which must deny. mitmproxy itself would only log
+    the exception and let the flow go on (threats.md, "fails open")."""
+
+    def wrap(hook):
+        @functools.wraps(hook)
+        def guarded(self, arg):
+            try:
+                return hook(self, arg)
+            except Exception:
+                logging.getLogger(hook.__module__).exception(
+                    f"panopticon: {what}{hook.__name__} failed; denying")
+                try:
+                    on_error(self, arg, hook.__name__)
+                except Exception:
+                    logging.getLogger(hook.__module__).exception(
+                        f"panopticon: could not deny after {what}{hook.__name__} failed")
+
+        return guarded
+
+    return wrap

@@ -424,17 +424,7 @@ class Lab:
         if proc is None:
             return
         self._server = None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            with contextlib.suppress(OSError):
-                if pipe:
-                    pipe.close()
+        _end(proc)
 
     def _write_resolv_conf(self) -> None:
         path = _mkdir_in(NETNS_ETC, self.host_ns)

@@ -14,15 +14,12 @@ interface but `lo`; the caller installs the DROP rules before `connect()` gives 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
 import os
 import time
-
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
-from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import PanopticonError
 from .plan import Addressing, Names
@@ -32,6 +29,14 @@ CLONE_NEWNET = 0x40000000
 IFA_F_NODAD = 0x02
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def IPRoute(*args, **kwargs):  # noqa: N802 - stands for pyroute2's class
+    # `import pyroute2` costs 0.15-0.3 s (its __init__ loads ndb, ipdb and conntrack):
+    # paid only by what talks netlink, never by `enter` (the agent's launch).
+    from pyroute2 import IPRoute as _IPRoute
+
+    return _IPRoute(*args, **kwargs)
 
 
 def netns_path(name: str) -> str:
@@ -88,18 +93,74 @@ def host_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 
 def create(names: Names) -> None:
-    """Create the namespace with only `lo` up. Fails if it exists (clean up first)."""
+    """Create the namespace with only `lo` up. Fails if it exists (clean up first).
+
+    Made by this thread (unshare, bind mount, back home), as `ip netns add` does;
+    pyroute2's `netns.create` forks a child for it (~30 ms).
+    """
     if exists(names.netns):
         raise PanopticonError(
             f"network namespace {names.netns} already exists",
             hint=f"run 'panopticon cleanup {names.instance}'",
         )
+    from pyroute2 import netns as pr_netns
+
     try:
-        pr_netns.create(names.netns)
-    except OSError as e:
+        with _home_after():
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"unshare: {os.strerror(e)}")
+            # What `ip netns add` does next (pyroute2's steps): /run/netns made a shared
+            # mount, the mount point, the bind mount of this thread's new namespace.
+            pr_netns.attach(names.netns, "thread-self")
+            with IPRoute() as ipr:  # opened in the new namespace
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    except Exception as e:
+        if not isinstance(e, FileExistsError):  # someone else's, made since exists()
+            with contextlib.suppress(OSError):
+                pr_netns.remove(names.netns)
         raise PanopticonError(f"cannot create network namespace {names.netns}: {e}") from e
-    with IPRoute(netns=names.netns, flags=0) as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+@contextlib.contextmanager
+def _home_after():
+    """Whatever the body does to this thread's network namespace is undone after it."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield
+    finally:
+        try:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                e = ctypes.get_errno()
+                # A thread stranded in a jail must not go on working as if at home.
+                raise SystemExit(f"panopticon: cannot return to the host namespace: "
+                                 f"{os.strerror(e)}")
+        finally:
+            os.close(home)
+
+
+@contextlib.contextmanager
+def in_netns(name: str):
+    """An IPRoute socket in namespace `name`, opened by this thread (setns, open, back):
+    pyroute2's `IPRoute(netns=...)` forks a child to open it."""
+    with _home_after():
+        enter(name)
+        ipr = IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _sysctl_in(name: str, key: str, value: str) -> None:
+    """/proc/sys/net shows the namespace of the thread that opens it."""
+    with _home_after():
+        enter(name)
+        fd = os.open(f"/proc/sys/{key}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
 
 
 def _write_sysctl(path: str, value: str) -> None:
@@ -125,7 +186,7 @@ def connect(names: Names, addr: Addressing) -> None:
             # (1-2 s) it answers no neighbour solicitation: nothing from the host reaches
             # it (inbound routes). An interface moved into a namespace takes that
             # namespace's defaults, so the jail's default is set before the move.
-            _in_netns_sysctl(names, "net/ipv6/conf/default/accept_dad", "0")
+            _sysctl_in(names.netns, "net/ipv6/conf/default/accept_dad", "0")
             _write_sysctl(f"/proc/sys/net/ipv6/conf/{names.veth_host}/accept_dad", "0")
         ipr.link("set", index=jail_idx, net_ns_fd=names.netns)
         ipr.addr("add", index=host_idx, address=str(addr.v4_host), prefixlen=addr.v4_subnet.prefixlen)
@@ -141,11 +202,11 @@ def connect(names: Names, addr: Addressing) -> None:
     if addr.v6_subnet is not None:
         _write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
 
-    with IPRoute(netns=names.netns, flags=0) as ipr:
+    with in_netns(names.netns) as ipr:
         idx = ipr.link_lookup(ifname=names.veth_jail)[0]
         if addr.v6_subnet is None:
-            _in_netns_sysctl(names, "net/ipv6/conf/all/disable_ipv6", "1")
-            _in_netns_sysctl(names, "net/ipv6/conf/default/disable_ipv6", "1")
+            _sysctl_in(names.netns, "net/ipv6/conf/all/disable_ipv6", "1")
+            _sysctl_in(names.netns, "net/ipv6/conf/default/disable_ipv6", "1")
         ipr.addr("add", index=idx, address=str(addr.v4_jail), prefixlen=addr.v4_subnet.prefixlen)
         if addr.v6_subnet is not None:
             ipr.addr(
@@ -156,23 +217,6 @@ def connect(names: Names, addr: Addressing) -> None:
         ipr.route("add", dst="0.0.0.0/0", gateway=str(addr.v4_host))
         if addr.v6_subnet is not None:
             ipr.route("add", dst="::/0", gateway=str(addr.v6_host), family=10)
-
-
-def _in_netns_sysctl(names: Names, key: str, value: str) -> None:
-    # /proc/sys/net shows the namespace of the process that opens it, so write it from a
-    # short child that entered the instance namespace.
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            enter(names.netns)
-            _write_sysctl(f"/proc/sys/{key}", value)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise PanopticonError(f"cannot set sysctl {key} in {names.netns}")
 
 
 def pids_in(name: str) -> list[int]:
@@ -201,6 +245,9 @@ def delete(names: Names) -> None:
     Namespace deletion is asynchronous in the kernel; deleting the veth explicitly makes
     its end (and routes through it) disappear at once.
     """
+    from pyroute2 import netns as pr_netns
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=names.veth_host)
         if idx:

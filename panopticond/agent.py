@@ -13,10 +13,12 @@ the caller's process group, so Ctrl-C reaches it directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import grp
 import os
 import pwd
+import signal
 import subprocess
 from collections.abc import Mapping
 
@@ -161,6 +163,26 @@ def launch(
     except PermissionError:
         raise PanopticonError(f"permission denied running {argv[0]} as {user.name}",
                               status=ExitStatus.NOPERM) from None
+
+
+def run(netns_name: str, user: AgentUser, argv: list[str], env: Mapping[str, str]) -> int:
+    """Launch the agent and wait for it; its exit status (`exit_code`)."""
+    proc = launch(netns_name, user, argv, env)
+
+    # Ctrl-C reaches the agent from the terminal (same process group): let it decide.
+    # SIGTERM/SIGHUP to us are passed on; the caller tears down once it has exited.
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, h) for s, h in (
+        (signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, forward), (signal.SIGHUP, forward))}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return exit_code(rc)
 
 
 def exit_code(returncode: int) -> int:

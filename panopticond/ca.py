@@ -10,7 +10,9 @@ Modes (config `ca`):
 
 The key is readable by the proxy user only (confdir 0700, owned by it). mitmproxy itself
 generates a missing CA when it starts, as the proxy user, so the key never exists with
-another owner. The agent gets the public certificate alone (`ca.pem`) and a bundle of the
+another owner; except that the resident helper (helper.py) makes each ephemeral CA ahead
+of its jail (an RSA key costs 50-150 ms of a start) and writes it there, 0600, owned by
+the proxy user, before the proxy starts. The agent gets the public certificate alone (`ca.pem`) and a bundle of the
 system CAs plus it (`ca-bundle.pem`), both in the runtime directory.
 """
 
@@ -108,8 +110,32 @@ def _read_custom(spec: CASpec) -> bytes:
     return key_pem.rstrip(b"\n") + b"\n" + cert_pem
 
 
-def prepare(names: Names, spec: CASpec, proxy_uid: int, proxy_gid: int) -> str:
-    """Create the proxy's confdir (0700, owned by the proxy user); return its path."""
+@dataclasses.dataclass(frozen=True)
+class EphemeralCA:
+    """A CA made ahead of its jail by the resident helper (helper.py)."""
+
+    key_and_cert: bytes  # PEM, as mitmproxy writes mitmproxy-ca.pem
+    cert: bytes  # PEM
+    private_key: object  # the objects, so that the forked proxy need not load them
+    certificate: object
+
+
+def new_ephemeral() -> EphemeralCA:
+    """A new CA as mitmproxy makes one (`CertStore.create_store`)."""
+    from mitmproxy import certs, options
+
+    key, cert = certs.create_ca(organization="mitmproxy", cn="mitmproxy",
+                                key_size=options.KEY_SIZE)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    return EphemeralCA(key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.TraditionalOpenSSL,
+                                         serialization.NoEncryption()) + pem, pem, key, cert)
+
+
+def prepare(names: Names, spec: CASpec, proxy_uid: int, proxy_gid: int,
+            ephemeral: EphemeralCA | None = None) -> str:
+    """Create the proxy's confdir (0700, owned by the proxy user); return its path.
+    `ephemeral`: a CA made ahead (`new_ephemeral`) for an ephemeral confdir."""
     confdir = confdir_for(names, spec)
     parent = os.path.dirname(confdir)
     os.makedirs(parent, mode=0o755, exist_ok=True)
@@ -125,6 +151,13 @@ def prepare(names: Names, spec: CASpec, proxy_uid: int, proxy_gid: int) -> str:
         with os.fdopen(fd, "wb") as f:
             f.write(combined)
         os.chown(path, proxy_uid, proxy_gid)
+    elif spec.mode == "ephemeral" and ephemeral is not None:
+        for name, data in ((CA_KEY_AND_CERT, ephemeral.key_and_cert), (CA_CERT, ephemeral.cert)):
+            fd = os.open(os.path.join(confdir, name),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.fchown(fd, proxy_uid, proxy_gid)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
     return confdir
 
 

@@ -52,6 +52,37 @@ def _load_config(path: str | None, *, required: bool):
 # -- run --------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import helperproto
+
+    req = _run_request(args)
+    if os.geteuid() == 0 and not args.no_helper:
+        path = helperproto.socket_path()
+        if path is not None:
+            from . import helperclient
+
+            rc = helperclient.run(path, req)
+            if rc is not None:
+                return rc
+            log.info("no resident helper at %s: starting the jail here", path)
+    return _run_cold(req)
+
+
+def _run_request(args: argparse.Namespace):
+    from .helperproto import RunRequest
+
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return RunRequest(
+        config=os.path.abspath(args.config) if args.config else None,
+        agent=args.agent, allow=tuple(args.allow), deny=tuple(args.deny), mode=args.mode,
+        user=args.user, log=os.path.abspath(args.log) if args.log else None,
+        command=tuple(cmd), env=_parse_env(args.env), environ=dict(os.environ),
+        verbose=args.verbose, pid=os.getpid(),
+    )
+
+
+def _run_cold(req) -> int:
     from . import firewall
 
     if os.geteuid() == 0:
@@ -59,28 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # started first, they import while the config is read and the jail is built, and
         # the same two remove the host's rules at the end.
         firewall.prestart()
-    from . import agent as agentmod
-    from . import config
-    from .instance import Instance, ProxyUser
-
-    cmd = list(args.command)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    cfg = _load_config(args.config, required=False)
-    ag = config.agent_config(cfg, args.agent, allow=tuple(args.allow), deny=tuple(args.deny),
-                             user=args.user, mode=args.mode)
-    if not cmd:
-        cmd = list(ag.command)
-    if not cmd:
-        raise PanopticonError("no command to run", hint="panopticon run [OPTIONS] -- CMD ARGS...",
-                              status=ExitStatus.USAGE)
-    _require_root()
-    if args.agent is None:
-        ag = _adhoc(ag, f"run-{os.getpid()}")
-    pu = ProxyUser.lookup(cfg.proxy.user)
-    user = agentmod.resolve_user(ag.user, os.environ, proxy_uid=pu.uid, proxy_gid=pu.gid)
-    extra_env = _parse_env(args.env)
-    inst = Instance(cfg, ag, log_path=args.log, allow_hint=config.allow_hint(cfg, ag))
+    inst, user, cmd = setup_run(req)
     started = time.time()
     try:
         inst.start()
@@ -88,12 +98,37 @@ def cmd_run(args: argparse.Namespace) -> int:
                  sum(inst.timings.values()) * 1000, user.name)
         if inst.ca_info:
             log.info("CA SHA-256 fingerprint: %s", inst.ca_info.fingerprint)
-        rc = inst.run_agent(cmd, user, extra_env)
+        rc = inst.run_agent(cmd, user, req.env)
     finally:
         inst.stop()
         firewall.discard_prestarted()
-    _print_summary(inst, started, args.agent, default_log=args.log is None)
+    print_summary(inst.log_path, inst.names.instance, started, req.agent,
+                  default_log=req.log is None)
     return rc
+
+
+def setup_run(req, *, fork_proxy: bool = False):
+    """(Instance, agent user, command) for a run request; nothing is built yet.
+    Shared by the cold path and the resident helper's jail process (helper.py)."""
+    from . import agent as agentmod
+    from . import config
+    from .instance import Instance, ProxyUser
+
+    cfg = _load_config(req.config, required=False)
+    ag = config.agent_config(cfg, req.agent, allow=tuple(req.allow), deny=tuple(req.deny),
+                             user=req.user, mode=req.mode)
+    cmd = list(req.command) or list(ag.command)
+    if not cmd:
+        raise PanopticonError("no command to run", hint="panopticon run [OPTIONS] -- CMD ARGS...",
+                              status=ExitStatus.USAGE)
+    _require_root()
+    if req.agent is None:
+        ag = _adhoc(ag, f"run-{req.pid}")
+    pu = ProxyUser.lookup(cfg.proxy.user)
+    user = agentmod.resolve_user(ag.user, req.environ, proxy_uid=pu.uid, proxy_gid=pu.gid)
+    inst = Instance(cfg, ag, log_path=req.log, allow_hint=config.allow_hint(cfg, ag),
+                    fork_proxy=fork_proxy)
+    return inst, user, cmd
 
 
 def _adhoc(ag, name: str):
@@ -124,11 +159,12 @@ def _parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def _print_summary(inst, started: float, agent: str | None, *, default_log: bool) -> None:
+def print_summary(log_path: str, instance: str, started: float, agent: str | None, *,
+                  default_log: bool) -> None:
     from .logcli import print_run_summary
 
     key = f"allow of [agents.{agent}]" if agent else "allow of [defaults]"
-    print_run_summary(inst.log_path, inst.names.instance, started, key, default_log)
+    print_run_summary(log_path, instance, started, key, default_log)
 
 
 # -- check ------------------------------------------------------------------------
@@ -377,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log", metavar="FILE", help="request log (JSON lines)")
     r.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                    help="pass a variable to CMD")
+    r.add_argument("--no-helper", action="store_true",
+                   help="start the jail in this process even if the resident helper runs "
+                   "(also: PANOPTICON_HELPER=off)")
     r.add_argument("command", nargs=argparse.REMAINDER)
     r.set_defaults(func=cmd_run)
 
@@ -408,10 +447,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_log_parsers(sub, posub, common)
 
+    h = sub.add_parser("helper", help="the resident helper that makes `run` start fast "
+                       "(normally socket-activated: panopticon-helper.socket)")
+    common(h, config=False)
+    h.add_argument("--socket", metavar="PATH",
+                   help="listen here (default /run/panopticon/helper.sock; "
+                   "clients find it there, or at $PANOPTICON_HELPER)")
+    h.set_defaults(func=cmd_helper)
+
     d = sub.add_parser("demo", help="the jail against a built-in simulated internet")
     common(d, config=False)
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def cmd_helper(args: argparse.Namespace) -> int:
+    from . import helper
+
+    return helper.serve(args.socket)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import ctypes
 import difflib
 import ipaddress
+import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -38,6 +40,8 @@ from panopticond.rules import (
     chain_prefix,
     format_rule,
 )
+
+log = logging.getLogger("panopticon")
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -199,18 +203,69 @@ def prestart(families: Iterable[int] = (4, 6)) -> None:
     stopped answering is never used again. Unused ones end with the caller (daemonic,
     and EOF on their pipe).
     """
-    ctx = multiprocessing.get_context("spawn")
     for family in families:
         if family not in (4, 6):
             raise ValueError(f"family is 4 or 6, not {family!r}")
         if _warm.get(family):
             continue
-        mine, theirs = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=_iptc_worker.serve, args=(theirs,),
-                           name=f"panopticon-iptables-ipv{family}", daemon=True)
-        proc.start()
-        theirs.close()
-        _warm[family] = [(proc, mine)]
+        _warm[family] = [spawn_warm(family)]
+
+
+def spawn_warm(family: int) -> tuple[Any, Any]:
+    """A new warm child for `family`: (process, connection). See `prestart`."""
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe(duplex=True)
+    proc = ctx.Process(target=_iptc_worker.serve, args=(theirs,),
+                       name=f"panopticon-iptables-ipv{family}", daemon=True)
+    proc.start()
+    theirs.close()
+    return proc, mine
+
+
+class Borrowed:
+    """A warm child of another process, lent to this one: the resident helper
+    (helper.py) spawned it, and the jail process it forked uses it. multiprocessing only
+    lets a process's own parent ask after it, so this asks /proc."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.exitcode: int | None = None
+
+    def is_alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def borrow(lent: dict[int, tuple[int, Any]]) -> None:
+    """In a process forked by the helper: use the warm children `lent` ({family:
+    (pid, connection)}) as this process's prestarted ones. The helper takes them back
+    only if this process ends with status 0 (every answer read): see helper.py."""
+    _warm.clear()
+    for family, (pid, conn) in lent.items():
+        _warm[family] = [(Borrowed(pid), conn)]
+
+
+def forget_borrowed() -> None:
+    """Drop this process's handles on borrowed children without ending them."""
+    for pool in _warm.values():
+        for proc, conn in pool:
+            if isinstance(proc, Borrowed):
+                conn.close()
+    _warm.clear()
 
 
 def discard_prestarted() -> None:
@@ -261,10 +316,13 @@ def _run(op: str, jobs: dict[int, Any], netns: str | None) -> list[str]:
         _netns_path(netns)
     ctx = multiprocessing.get_context("spawn")
     started = []
+    t0 = time.monotonic()
     try:
         for family, payload in sorted(jobs.items()):
             proc, recv, warm = _child_for(ctx, op, family, netns, payload)
             started.append((family, proc, recv, warm))
+        log.debug("iptables %s: %s", op, ", ".join(
+            f"IPv{f} {'warm' if w else 'new'} child" for f, _, _, w in started))
 
         deadline = time.monotonic() + CHILD_TIMEOUT
         problems: list[str] = []
@@ -293,6 +351,7 @@ def _run(op: str, jobs: dict[int, Any], netns: str | None) -> list[str]:
                 f"iptables {op} failed {_where(netns)}:\n  " + "\n  ".join(errors),
                 hint=_hint(netns, jobs),
             )
+        log.debug("iptables %s: answered in %.0f ms", op, (time.monotonic() - t0) * 1000)
         for family, proc, recv, _ in started:
             if family in reusable:
                 _warm.setdefault(family, []).append((proc, recv))

@@ -153,8 +153,14 @@ class Instance:
         *,
         log_path: str | None = None,
         allow_hint: str = "",
+        fork_proxy: bool = False,
     ):
+        """`fork_proxy`: the caller has mitmproxy loaded and no threads (the resident
+        helper, helper.py): the proxy is forked from it (proxy.Proxy)."""
         self.cfg = cfg
+        self.fork_proxy = fork_proxy
+        # An ephemeral CA made ahead by the resident helper (ca.new_ephemeral), or None.
+        self.ephemeral_ca: ca.EphemeralCA | None = None
         self.agent = agent
         self.names = Names.of(agent.name)
         self.proxy_user = ProxyUser.lookup(cfg.proxy.user)
@@ -272,16 +278,20 @@ class Instance:
             self.tripwatch = tripwatch.TripwireWatch(
                 self.log_path, names.instance, names.netns,
                 lambda: {self.proxy.proc.pid} if self.proxy and self.proxy.proc else set())
-            self.tripwatch.start()
             self._undo.callback(self.tripwatch.stop)
-        # Alerts (and the journal's view of the log's health) from the host side. Started
-        # before the proxy, so that it stops after it and sees the proxy's last records.
+        # Alerts (and the journal's view of the log's health) from the host side. Its stop
+        # is pushed before the proxy's, so that it stops after it and sees the proxy's
+        # last records. Both watchers are threads: they start once the proxy is launched
+        # (a forked proxy must be forked from a process with one thread).
         self.monitor = webhook.Monitor(names.instance, self.log_path, self.log_status,
                                        self.cfg.webhook)
-        self.monitor.start()
         self._undo.callback(self.monitor.stop)
 
-        confdir = ca.prepare(names, self.agent.ca, pu.uid, pu.gid)
+        confdir = ca.prepare(names, self.agent.ca, pu.uid, pu.gid, self.ephemeral_ca)
+        if self.fork_proxy and self.ephemeral_ca and self.agent.ca.mode == "ephemeral":
+            from .proxy_main import seed_ca
+
+            seed_ca(confdir, self.ephemeral_ca.private_key, self.ephemeral_ca.certificate)
         self._undo.callback(ca.remove_ephemeral, names, self.agent.ca)
         upstream = ca.upstream_bundle(names, self.cfg.network.upstream_ca)
 
@@ -305,9 +315,13 @@ class Instance:
             blocked=tuple(str(n) for n in self.never_reach()),
             secrets_path=secrets_path,
             **self._prepare_inbound(),
-        ))
+        ), fork=self.fork_proxy)
         self.proxy.start()
         self._undo.callback(self._stop_proxy)  # whichever proxy runs then (restart_proxy)
+        # Both follow the log from its current end: nothing the proxy writes is missed.
+        self.monitor.start()
+        if self.tripwatch is not None:
+            self.tripwatch.start()
         t = self._step("proxy-launch", t)
 
         # Both rule sets in one child per family (see firewall.apply_each: a child costs
@@ -423,7 +437,7 @@ class Instance:
         if old.proc is not None and old.proc.poll() is None:
             old.proc.kill()  # a stopped or hung proxy would not heed SIGTERM
         old.stop()
-        self.proxy = Proxy(old.spec)
+        self.proxy = Proxy(old.spec, fork=old.fork)
         self.proxy.start()
         self.proxy.wait_ready(heartbeat=self.heartbeat)
 
@@ -478,25 +492,14 @@ class Instance:
 
     def run_agent(self, argv: list[str], user: agentmod.AgentUser,
                   extra_env: dict[str, str] | None = None) -> int:
+        return agentmod.run(self.names.netns, user, argv, self.agent_env(user, os.environ, extra_env))
+
+    def agent_env(self, user: agentmod.AgentUser, caller_env, extra_env=None) -> dict[str, str]:
+        """The agent's whole environment: the caller's allowed variables, the trust
+        variables of the CA, `--env`, the placeholders of the secrets."""
         assert self.ca_info, "start() first"
-        env = agentmod.build_env(user, os.environ, self.ca_info.agent_env(),
-                                 {**(extra_env or {}), **self.secret_env})
-        proc = agentmod.launch(self.names.netns, user, argv, env)
-
-        # Ctrl-C reaches the agent from the terminal (same process group): let it decide.
-        # SIGTERM/SIGHUP to us are passed on; we tear down once it has exited.
-        def forward(signum, _frame):
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-
-        old = {s: signal.signal(s, h) for s, h in (
-            (signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, forward), (signal.SIGHUP, forward))}
-        try:
-            rc = proc.wait()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-        return agentmod.exit_code(rc)
+        return agentmod.build_env(user, caller_env, self.ca_info.agent_env(),
+                                  {**(extra_env or {}), **self.secret_env})
 
     # -- stop ----------------------------------------------------------------------
 

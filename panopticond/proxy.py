@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from . import privs
@@ -109,10 +110,109 @@ def package_root() -> str:
     return root
 
 
+def _fork_proxy(opts_path: str, ready_w: int, err, env: dict[str, str], netns: str,
+                uid: int, gid: int) -> ForkedProcess:
+    """Fork the proxy from this (warm) process; see shared/notes/performance.md.
+
+    Only from a process with one thread: a fork copies the locks other threads hold, and
+    a child of a process whose mitmproxy_rs runtime had started hangs in its first UDP
+    listener (the helper never starts one: it only imports).
+    """
+    from . import proxy_main  # imported by the helper long before; a no-op here
+
+    if threading.active_count() != 1:
+        raise PanopticonError("refusing to fork the proxy from a process with threads",
+                              hint="this is a bug in panopticon: report it")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(devnull)
+        raise
+    if pid:
+        os.close(devnull)
+        return ForkedProcess(pid)
+    # The child: nothing of the parent's may remain but what the proxy needs. Any
+    # failure ends it before readiness is ever reported (the parent then fails closed).
+    code = 70
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGPIPE, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        os.dup2(devnull, 0)
+        os.dup2(err.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        # The helper holds root's sockets (its listener, clients) and pipes to the
+        # root iptables workers: none of them may be inherited by the proxy user.
+        os.closerange(3, ready_w)
+        os.closerange(ready_w + 1, _max_fd())
+        os.chdir("/")
+        os.environ.clear()
+        os.environ.update(env)
+        privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True)
+        proxy_main.main([opts_path, str(ready_w)])  # ends with os._exit
+    except BaseException as e:  # noqa: BLE001 - reported in proxy.log, then the child ends
+        try:
+            os.write(2, f"panopticon: the forked proxy failed to start: {e!r}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _max_fd() -> int:
+    try:
+        return max(int(x) for x in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        return os.sysconf("SC_OPEN_MAX")
+
+
+class ForkedProcess:
+    """The part of `subprocess.Popen` that `Proxy` uses, for a child made by `os.fork`."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.001
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class Proxy:
-    def __init__(self, spec: ProxySpec):
+    def __init__(self, spec: ProxySpec, *, fork: bool = False):
+        """`fork`: start it by forking this process, which has imported mitmproxy and
+        proxy_main already (the resident helper, helper.py), instead of a fresh
+        interpreter that spends ~0.7 s importing them."""
         self.spec = spec
-        self.proc: subprocess.Popen | None = None
+        self.fork = fork
+        self.proc: subprocess.Popen | ForkedProcess | None = None
         self._ready_r = -1
         self._beat_at = 0.0
         self.stderr_path = os.path.join(spec.names.run_dir, "proxy.log")
@@ -135,6 +235,13 @@ class Proxy:
         }
         uid, gid = self.spec.uid, self.spec.gid
         netns = names.netns
+        if self.fork:
+            try:
+                self.proc = _fork_proxy(opts_path, w, err, env, netns, uid, gid)
+            finally:
+                os.close(w)
+                err.close()
+            return
 
         def preexec() -> None:  # pragma: no cover - runs in the child
             privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True)

@@ -83,6 +83,23 @@ def _bracket_udp_ipv6() -> None:
     mode_servers.mitmproxy_rs.udp.start_udp_server = start_udp_server
 
 
+# Loaded CAs, by the identity of their files (see `_load_ca_once`, `seed_ca`).
+_ca_cache: dict = {}
+
+
+def _ca_key(path, basename: str, key_size: int, passphrase) -> tuple | None:
+    ident = []
+    for kind in ("ca", "dhparam"):  # no dhparam file: mitmproxy's default ones
+        try:
+            st = os.stat(os.path.join(os.path.expanduser(str(path)), f"{basename}-{kind}.pem"))
+            ident.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            ident.append(None)
+    if ident[0] is None:
+        return None
+    return (str(path), basename, key_size, passphrase, tuple(ident))
+
+
 def _load_ca_once() -> None:
     """mitmproxy 11.0's TlsConfig loads the CA (and checks its key, ~40-55 ms) when the
     confdir is configured and again in its `running` hook (its own FIXME): the second
@@ -90,25 +107,31 @@ def _load_ca_once() -> None:
     from mitmproxy import certs
 
     orig = certs.CertStore.from_store.__func__
-    cache: dict = {}
 
     def from_store(cls, path, basename, key_size, passphrase=None):
-        ident = []
-        for kind in ("ca", "dhparam"):  # no dhparam file: mitmproxy's default ones
-            try:
-                st = os.stat(os.path.join(os.path.expanduser(str(path)), f"{basename}-{kind}.pem"))
-                ident.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-            except FileNotFoundError:
-                ident.append(None)
-        if ident[0] is None:
+        key = _ca_key(path, basename, key_size, passphrase)
+        if key is None:
             return orig(cls, path, basename, key_size, passphrase)  # it creates the CA
-        key = (str(path), basename, key_size, passphrase, tuple(ident))
-        if key not in cache:
-            cache.clear()
-            cache[key] = orig(cls, path, basename, key_size, passphrase)
-        return cache[key]
+        if key not in _ca_cache:
+            _ca_cache.clear()
+            _ca_cache[key] = orig(cls, path, basename, key_size, passphrase)
+        return _ca_cache[key]
 
     certs.CertStore.from_store = classmethod(from_store)
+
+
+def seed_ca(confdir: str, private_key, certificate) -> None:
+    """Before forking a proxy (helper.py): the CA just written to `confdir`, from the
+    objects it was made of, so that the proxy does not load and check it again."""
+    from mitmproxy import certs, options
+
+    key = _ca_key(confdir, "mitmproxy", options.KEY_SIZE, None)
+    if key is None:
+        raise FileNotFoundError(f"no CA in {confdir}")
+    dh = certs.CertStore.load_dhparam(
+        __import__("pathlib").Path(confdir) / "mitmproxy-dhparam.pem")
+    _ca_cache.clear()
+    _ca_cache[key] = certs.CertStore(private_key, certs.Cert(certificate), None, dh)
 
 
 async def _main(opts_path: str, ready_fd: int) -> int:

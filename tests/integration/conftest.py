@@ -37,6 +37,15 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         the_lab.close()
 
 
+@pytest.fixture(scope="session")
+def resident_helper(lab: Lab):
+    """One resident helper (helper.py) for the session, in the lab's simulated host."""
+    import jailrun
+
+    with jailrun.ResidentHelper(lab) as h:
+        yield h
+
+
 @pytest.fixture
 def mark(lab: Lab) -> int:
     """The lab's event log position when the test starts: `lab.events(since=mark)`."""

@@ -75,9 +75,16 @@ def config_text(lab: Lab, allow: Sequence[str] = ALLOWED, extra: str = "") -> st
     )
 
 
+# Where `run` finds the resident helper (helper.py): "off" (the cold path) unless a test
+# routes its runs through one (`resident_helper`, and test_run.py's "helper" variant).
+# Explicit either way, so that a helper running on the machine never decides for a test.
+HELPER = "off"
+
+
 def run_argv(lab: Lab, config: Path, cmd: Sequence[str], *opts: str,
              user: str | None = AGENT_USER, log: Path | None = None) -> list[str]:
-    argv = [*PANOPTICON_ARGV, "run", "--config", str(config)]
+    argv = ["env", f"PANOPTICON_HELPER={HELPER}", *PANOPTICON_ARGV, "run", "--config",
+            str(config)]
     if user:
         argv += ["--user", user]
     if log:
@@ -154,3 +161,42 @@ def ensure_dead(proc: subprocess.Popen) -> Iterator[None]:
         if proc.poll() is None:
             kill_group(proc, signal.SIGKILL)
             proc.wait()
+
+
+class ResidentHelper:
+    """`panopticon helper` (this tree's) in the lab's simulated host, on a socket of its
+    own; its log in `log_path`. `with ResidentHelper(lab) as h: ...`"""
+
+    def __init__(self, lab: Lab, timeout: float = 60) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pnt-helper-"))
+        self.socket = str(self.dir / "helper.sock")
+        self.log_path = self.dir / "helper.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                lab.in_host([*PANOPTICON_ARGV, "helper", "-vv", "--socket", self.socket]),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while "resident helper ready" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"the helper did not start: {self.log()[-2000:]}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                kill_group(self.proc, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ResidentHelper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

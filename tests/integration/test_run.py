@@ -29,15 +29,21 @@ FAMILIES = ("4", "6")
 PROBE = Path(__file__).with_name("probe_agent.py")
 
 
-@pytest.fixture(scope="module")
-def work(lab):
+@pytest.fixture(scope="module", params=["cold", "helper"])
+def work(lab, request):
+    """Every test here runs twice: the jail built by `run` itself (the cold path), then
+    by the resident helper (helper.py), which must make no difference to any of them."""
     jail.add_lab_names(lab)
     w = jail.Workdir()
     w.write("config.toml", jail.config_text(lab))
     w.write("probe_agent.py", PROBE.read_text())
+    w.variant = request.param
+    if request.param == "helper":
+        jail.HELPER = request.getfixturevalue("resident_helper").socket
     try:
         yield w
     finally:
+        jail.HELPER = "off"
         w.close()
 
 
@@ -273,6 +279,8 @@ def test_sigint_ends_the_agent_and_leaves_nothing(lab, work):
 
 
 def test_sigkill_then_cleanup_leaves_nothing_and_the_orphan_jail_stays_closed(lab, work):
+    if work.variant == "helper":
+        pytest.skip("through the helper, the jail ends with its client: test_helper.py")
     p = subprocess.Popen(jail.run_argv(lab, work.path / "config.toml", ["sleep", "60"]),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)

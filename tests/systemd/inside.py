@@ -270,9 +270,45 @@ def main() -> int:
           s.returncode == 0 and left == [] and prop("ActiveState") == "inactive",
           {"left": left, "state": prop("ActiveState"), "result": prop("Result")})
 
+    # The resident helper, socket-activated: `panopticon run` goes through it. What is
+    # allowed reaches the server, what is denied does not; nothing is left after.
+    v = sh("systemd-analyze", "verify", "panopticon-helper.socket", "panopticon-helper.service")
+    check("systemd-analyze verify is clean for the helper's units",
+          v.returncode == 0 and not v.stderr.strip(), v.stderr.strip() or "no output")
+    s = sh("systemctl", "start", "panopticon-helper.socket")
+    m0 = mark()
+    runs = []
+    for path in ("/sys/helper-1", "/sys/helper-2"):
+        t = time.monotonic()
+        r = sh("panopticon", "run", "-v", "--user", "nobody", "--allow", "www.allowed.example",
+               "--", "curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+               f"https://www.allowed.example{path}", timeout=120)
+        runs.append((r, round(time.monotonic() - t, 3)))
+    facts["helper_run_s"] = [t for _, t in runs]  # the first one starts the helper
+    denied = sh("panopticon", "run", "--user", "nobody", "--", "curl", "-sS", "-m", "10",
+                "-o", "/dev/null", "-w", "%{http_code}", "--resolve",
+                "denied.example:443:198.51.100.20", "https://denied.example/sys/helper-denied",
+                timeout=120)
+    seen = {e.get("path") for e in events(m0)}
+    check("socket activation: `panopticon run` goes through the resident helper",
+          s.returncode == 0 and all(r.returncode == 0 and r.stdout == "200"
+                                    and "(resident helper)" in r.stderr for r, _ in runs)
+          and {"/sys/helper-1", "/sys/helper-2"} <= seen
+          and sh("systemctl", "is-active", "panopticon-helper.service").stdout.strip() == "active",
+          {"rc": [r.returncode for r, _ in runs], "out": [r.stdout for r, _ in runs],
+           "err": runs[0][0].stderr[-400:], "seen": sorted(p for p in seen if p)})
+    check("through the helper, a denied host is blocked and never reached",
+          denied.stdout == "403" and "/sys/helper-denied" not in seen,
+          {"rc": denied.returncode, "out": denied.stdout, "err": denied.stderr[-300:]})
+    sh("systemctl", "stop", "panopticon-helper.socket", "panopticon-helper.service")
+    left = [n for n in sh("ip", "netns").stdout.split() if n.startswith("panopticon-run-")]
+    check("the helper's jails leave nothing behind", not left
+          and not Path("/run/panopticon/helper.sock").exists(), {"netns": left})
+
     # Uninstall: the commands, the unit and the venv go; the operator's config stays.
     u = sh("/ci-src/scripts/uninstall", timeout=120)
     still = [p for p in ("/usr/local/lib/systemd/system/panopticon@.service",
+                         "/usr/local/lib/systemd/system/panopticon-helper.socket",
                          "/usr/local/bin/panopticond", "/opt/panopticon/venv") if os.path.exists(p)]
     check("scripts/uninstall removes the install and keeps the config",
           u.returncode == 0 and not still and Path("/etc/panopticon/config.toml").exists()

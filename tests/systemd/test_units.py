@@ -38,6 +38,10 @@ CHECKS = (
     "the jail is visible to ip netns",
     "after a crash it is cleaned up and restarted",
     "systemctl stop leaves no namespace, veth, rule or runtime file",
+    "systemd-analyze verify is clean for the helper's units",
+    "socket activation: `panopticon run` goes through the resident helper",
+    "through the helper, a denied host is blocked and never reached",
+    "the helper's jails leave nothing behind",
     "scripts/uninstall removes the install and keeps the config",
 )
 

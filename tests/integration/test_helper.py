@@ -1,0 +1,234 @@
+"""The resident helper (helper.py) against the lab: what it adds to `panopticon run`.
+
+test_run.py runs its whole battery through the helper too (its "helper" variant); here
+is what only the helper has: warm workers and the forked proxy, the fall-back to the
+cold path, the jail's end when its client dies, who may connect, and what the forked
+proxy must not inherit from a root process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import jailrun as jail
+from jailrun import V4_ONLY, VENV_PYTHON
+from panopticond import netns
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def work(lab):
+    jail.add_lab_names(lab)
+    w = jail.Workdir()
+    w.write("config.toml", jail.config_text(lab))
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+@pytest.fixture
+def via(resident_helper):
+    """Runs in this test go through the session's helper."""
+    jail.HELPER = resident_helper.socket
+    try:
+        yield resident_helper
+    finally:
+        jail.HELPER = "off"
+
+
+def _curl(url: str, *extra: str) -> list[str]:
+    return ["curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", *extra, url]
+
+
+def test_a_run_through_the_helper_uses_its_warm_workers(lab, work, via, mark):
+    p = jail.run(lab, work.path / "config.toml",
+                 _curl(f"https://{V4_ONLY[0]}/through-helper"), "-vv")
+    assert p.returncode == 0 and p.stdout == "200", p.stderr
+    assert "(resident helper)" in p.stderr
+    assert "iptables apply-each: IPv4 warm child, IPv6 warm child" in p.stderr, p.stderr
+    assert lab.events(since=mark, path="/through-helper")
+    # The same path, denied: blocked, and nothing reaches the server.
+    d = jail.run(lab, work.path / "config.toml",
+                 _curl("https://denied.example/denied-through-helper", "--resolve",
+                       f"denied.example:443:{lab.names['denied.example'][0]}"))
+    assert d.stdout == "403", d.stderr
+    assert not lab.events(since=mark, path="/denied-through-helper")
+
+
+def test_without_a_helper_run_takes_the_cold_path(lab, work, resident_helper, mark):
+    jail.HELPER = str(Path(resident_helper.socket).with_name("nobody-listens.sock"))
+    try:
+        p = jail.run(lab, work.path / "config.toml", _curl(f"https://{V4_ONLY[0]}/cold"), "-v")
+    finally:
+        jail.HELPER = "off"
+    assert p.returncode == 0 and p.stdout == "200", p.stderr
+    assert "no resident helper at" in p.stderr and "(resident helper)" not in p.stderr
+    # --no-helper: the cold path even with the helper there.
+    jail.HELPER = resident_helper.socket
+    try:
+        q = jail.run(lab, work.path / "config.toml", _curl(f"https://{V4_ONLY[0]}/no-helper"),
+                     "-v", "--no-helper")
+    finally:
+        jail.HELPER = "off"
+    assert q.returncode == 0 and q.stdout == "200", q.stderr
+    assert "(resident helper)" not in q.stderr and "ready in" in q.stderr
+    assert lab.events(since=mark, path="/cold") and lab.events(since=mark, path="/no-helper")
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[8:-1])
+    return out
+
+
+def _unix_inode(path: str, pid: int) -> str:
+    # /proc/net/unix lists the sockets of a network namespace: the helper's (the lab's
+    # simulated host), not this test's.
+    for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+        parts = line.split()
+        # Accepted connections carry the path too; the listener has __SO_ACCEPTCON.
+        if len(parts) >= 8 and parts[7] == path and int(parts[3], 16) & 0x10000:
+            return parts[6]
+    raise AssertionError(f"{path} is not a listening Unix socket")
+
+
+def test_the_forked_proxy_holds_nothing_of_the_root_helper(lab, work, via):
+    p = subprocess.Popen(jail.run_argv(lab, work.path / "config.toml", ["sleep", "30"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    name = jail.instance_of(p.pid)
+    try:
+        jail.wait_ready(name, p)
+        proxy_uid = int(subprocess.run(["id", "-u", "panopticon-proxy"], capture_output=True,
+                                       text=True).stdout)
+        pids = netns.pids_in(f"panopticon-{name}")
+        proxies = [q for q in pids if int(_proc_status(q)["Uid"].split()[0]) == proxy_uid]
+        assert len(proxies) == 1, pids
+        st = _proc_status(proxies[0])
+        assert st["Uid"].split() == [str(proxy_uid)] * 4 and st["Gid"].split()[0] != "0"
+        assert st["Groups"] == ""
+        for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(st[k], 16) == 0, (k, st[k])
+        assert st["NoNewPrivs"] == "1"
+        # Its parent is the jail process (it dies with it: parent-death signal), which
+        # is not the helper, and neither holds the helper's listening socket.
+        jail_process = int(st["PPid"])
+        assert jail_process != via.proc.pid
+        listener = _unix_inode(via.socket, via.proc.pid)
+        assert listener not in _socket_inodes(proxies[0])
+        assert listener not in _socket_inodes(jail_process)
+        # The proxy's descriptors: its log, /dev/null, its sockets, pipes of its own
+        # event loop; no socket of root's (the helper's clients, the iptables workers').
+        helper_sockets = _socket_inodes(via.proc.pid)
+        assert not helper_sockets & _socket_inodes(proxies[0])
+        # The helper itself is still single-threaded (every fork depends on it).
+        assert _proc_status(via.proc.pid)["Threads"] == "1"
+    finally:
+        jail.kill_group(p, signal.SIGTERM)
+        p.communicate(timeout=30)
+    assert jail.leftovers(lab, name) == []
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan waits for whoever reaps it here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_killed_client_takes_its_jail_and_agent_with_it(lab, work, via):
+    p = subprocess.Popen(jail.run_argv(lab, work.path / "config.toml", ["sleep", "60"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    name = jail.instance_of(p.pid)
+    try:
+        jail.wait_ready(name, p)
+        agents = netns.pids_in(f"panopticon-{name}")
+        assert agents and jail.leftovers(lab, name)  # the positive control
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        deadline = time.monotonic() + 30
+        while jail.leftovers(lab, name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert jail.leftovers(lab, name) == []
+        assert not [q for q in agents if _alive(q)]
+    finally:
+        if p.poll() is None:
+            p.kill()
+        subprocess.run(lab.in_host([*jail.PANOPTICON_ARGV, "cleanup", "--force", name]),
+                       capture_output=True)
+
+
+def test_only_root_may_connect(lab, resident_helper):
+    st = os.stat(resident_helper.socket)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    code = ("import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n"
+            "    print(e.errno); sys.exit(0)\nprint('connected')\n")
+    # The directory is root's alone too; a copy of the socket's path elsewhere would not
+    # help either: the permission is on the socket itself.
+    os.chmod(os.path.dirname(resident_helper.socket), 0o755)
+    try:
+        as_nobody = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
+                                    "--clear-groups", VENV_PYTHON, "-c", code,
+                                    resident_helper.socket],
+                                   capture_output=True, text=True, timeout=30)
+    finally:
+        os.chmod(os.path.dirname(resident_helper.socket), 0o700)
+    assert as_nobody.stdout.strip() == "13", as_nobody  # EACCES
+    with socket.socket(socket.AF_UNIX) as s:  # the positive control: root connects
+        s.connect(resident_helper.socket)
+
+
+def test_jails_outlive_a_stopped_helper(lab, work, mark):
+    with jail.ResidentHelper(lab) as own:
+        jail.HELPER = own.socket
+        try:
+            p = subprocess.Popen(
+                jail.run_argv(lab, work.path / "config.toml",
+                              ["sh", "-c", f"sleep 2; {' '.join(_curl(f'https://{V4_ONLY[0]}/after-helper-stop'))}"]),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True)
+        finally:
+            jail.HELPER = "off"
+        name = jail.instance_of(p.pid)
+        try:
+            jail.wait_ready(name, p)
+            own.proc.send_signal(signal.SIGTERM)
+            own.proc.wait(15)
+            assert "1 jail(s) keep running without the helper" in own.log()
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                jail.kill_group(p, signal.SIGKILL)
+                p.wait()
+        assert p.returncode == 0 and out == "200", err
+        assert lab.events(since=mark, path="/after-helper-stop")
+        assert jail.leftovers(lab, name) == []
+        assert not os.path.exists(own.socket)

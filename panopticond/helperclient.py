@@ -13,6 +13,7 @@ import errno
 import logging
 import socket
 import sys
+import time
 
 from . import agent as agentmod
 from . import helperproto as proto
@@ -40,6 +41,7 @@ def connect(path: str) -> socket.socket | None:
 def run(path: str, req: proto.RunRequest) -> int | None:
     """Run `req` in a jail the helper builds; the agent's exit status, or None if there
     is no helper (the caller then takes the cold path)."""
+    t0 = time.monotonic()
     sock = connect(path)
     if sock is None:
         return None
@@ -59,6 +61,7 @@ def run(path: str, req: proto.RunRequest) -> int | None:
         ready = msg.get("ready")
         if not isinstance(ready, dict):
             raise _lost(path, f"unexpected answer {sorted(msg)}")
+        log.debug("helper: jail ready %.0f ms after connecting", (time.monotonic() - t0) * 1000)
         user = agentmod.AgentUser(**{**ready["user"], "groups": tuple(ready["user"]["groups"])})
         failure: BaseException | None = None
         rc = int(ExitStatus.ERROR)
@@ -66,6 +69,7 @@ def run(path: str, req: proto.RunRequest) -> int | None:
             rc = agentmod.run(ready["netns"], user, ready["argv"], ready["env"])
         except BaseException as e:  # noqa: BLE001 - the jail is torn down first, then raised
             failure = e
+        t1 = time.monotonic()
         try:
             proto.send(sock, {"done": rc})
             sock.settimeout(STOP_TIMEOUT)
@@ -73,6 +77,7 @@ def run(path: str, req: proto.RunRequest) -> int | None:
         except (OSError, proto.ProtocolError) as e:
             stopped = None
             log.warning("the helper's teardown did not report back: %s", e)
+        log.debug("helper: torn down in %.0f ms", (time.monotonic() - t1) * 1000)
         if failure is not None:
             raise failure
         if stopped is None or "stopped" not in stopped:

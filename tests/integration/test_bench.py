@@ -31,7 +31,7 @@ def test_quick_bench_produces_sane_numbers():
         assert out.returncode == 0, out.stderr[-2000:]
         result = json.loads(out_json.read_text())
     s = result["summary"]
-    assert set(s) == {"direct", "mitmdump", "panopticon"}
+    assert set(s) == {"direct", "mitmdump", "panopticon", "pan-helper"}
     for name, c in s.items():
         assert c["failures"] == [], (name, c["failures"])
         assert c["download_ok"], name
@@ -39,11 +39,13 @@ def test_quick_bench_produces_sane_numbers():
                     "keepalive_c1_p50_ms", "download_mb_s", "sse_first_event_ms"):
             assert c[key] is not None and math.isfinite(c[key]) and c[key] > 0, (name, key)
         assert all(c[f"{k}_errors"] == 0 for k in ("keepalive_c1", "keepalive_c8", "newconn_c1")), c
-    for name in ("mitmdump", "panopticon"):
+    for name in ("mitmdump", "panopticon", "pan-helper"):
         assert 10 < s[name]["idle_mb"] < 2000 and s[name]["download_peak_mb"] > 10
-    # Every request went through panopticon's log.
-    assert s["panopticon"]["log_records"] > 10
+    # Every request went through panopticon's log, with or without the helper.
+    assert s["panopticon"]["log_records"] > 10 and s["pan-helper"]["log_records"] > 10
+    assert "through the resident helper" in out.stdout
     assert "srt" in out.stdout and "policy decide" in out.stdout
     assert result["policy"]["rules"] == 10000
     assert all(v > 0 for v in result["policy"]["us_per_decide"].values())
     assert {"rules", "proxy-ready"} <= set(result["steps"])
+    assert {"rules", "proxy-ready"} <= set(result["helper_steps"])

@@ -152,13 +152,21 @@ def prepare(names: Names, spec: CASpec, proxy_uid: int, proxy_gid: int,
             f.write(combined)
         os.chown(path, proxy_uid, proxy_gid)
     elif spec.mode == "ephemeral" and ephemeral is not None:
-        for name, data in ((CA_KEY_AND_CERT, ephemeral.key_and_cert), (CA_CERT, ephemeral.cert)):
-            fd = os.open(os.path.join(confdir, name),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            os.fchown(fd, proxy_uid, proxy_gid)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+        write_ephemeral(confdir, ephemeral, (proxy_uid, proxy_gid))
     return confdir
+
+
+def write_ephemeral(confdir: str, ephemeral: EphemeralCA,
+                    owner: tuple[int, int] | None = None) -> None:
+    """Write a CA made ahead into a fresh confdir, 0600 (root: then chowned to `owner`;
+    the prestarted proxy writes it as the proxy user itself). Refuses to overwrite."""
+    for name, data in ((CA_KEY_AND_CERT, ephemeral.key_and_cert), (CA_CERT, ephemeral.cert)):
+        fd = os.open(os.path.join(confdir, name),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def export(names: Names, confdir: str) -> CAInfo:

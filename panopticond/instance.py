@@ -314,6 +314,7 @@ class Instance:
             operator_addons=self.agent.addons,
             blocked=tuple(str(n) for n in self.never_reach()),
             secrets_path=secrets_path,
+            fresh_ca=self.agent.ca.mode == "ephemeral" and self.ephemeral_ca is None,
             **self._prepare_inbound(),
         ), fork=self.fork_proxy)
         self.proxy.start()

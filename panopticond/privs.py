@@ -38,6 +38,11 @@ def _last_cap() -> int:
         return 40
 
 
+def set_pdeathsig() -> None:
+    """SIGKILL when the parent ends (cleared by any later credential change)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def enter_and_drop(
     netns_name: str,
     uid: int,

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NoReturn
 
 from . import privs
 from .errors import PanopticonError
@@ -44,6 +45,9 @@ class ProxySpec:
     # The secrets file (secretsource.py), the proxy user's alone; "" for none. Only its
     # path is here: the values never go into argv, the environment or proxy.json.
     secrets_path: str = ""
+    # The confdir holds no CA yet and gets an ephemeral one: a prestarted proxy makes it
+    # while it waits (see `prestarted`), not after it was told to go.
+    fresh_ca: bool = False
 
     def options(self) -> dict:
         """Everything handed to the proxy, as data (also shown by `check --plan`)."""
@@ -132,18 +136,27 @@ def _fork_proxy(opts_path: str, ready_w: int, err, env: dict[str, str], netns: s
     if pid:
         os.close(devnull)
         return ForkedProcess(pid)
-    # The child: nothing of the parent's may remain but what the proxy needs. Any
-    # failure ends it before readiness is ever reported (the parent then fails closed).
+    _become_proxy(opts_path, ready_w, err.fileno(), devnull, env, netns, uid, gid)
+
+
+def _become_proxy(opts_path: str, ready_w: int, err_fd: int, stdin_fd: int,
+                  env: dict[str, str], netns: str, uid: int, gid: int,
+                  as_proxy_user=None) -> NoReturn:
+    """In a process that has mitmproxy imported (forked from the helper, or prestarted):
+    become the proxy. Nothing of the parent's may remain but what the proxy needs. Any
+    failure ends it before readiness is ever reported (the parent then fails closed)."""
     code = 70
     try:
+        from . import proxy_main
+
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
                     signal.SIGPIPE, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
-        os.dup2(devnull, 0)
-        os.dup2(err.fileno(), 1)
-        os.dup2(err.fileno(), 2)
-        # The helper holds root's sockets (its listener, clients) and pipes to the
+        os.dup2(stdin_fd, 0)
+        os.dup2(err_fd, 1)
+        os.dup2(err_fd, 2)
+        # A forking helper holds root's sockets (its listener, clients) and pipes to the
         # root iptables workers: none of them may be inherited by the proxy user.
         os.closerange(3, ready_w)
         os.closerange(ready_w + 1, _max_fd())
@@ -151,14 +164,92 @@ def _fork_proxy(opts_path: str, ready_w: int, err, env: dict[str, str], netns: s
         os.environ.clear()
         os.environ.update(env)
         privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True)
+        if as_proxy_user is not None:
+            as_proxy_user()
         proxy_main.main([opts_path, str(ready_w)])  # ends with os._exit
     except BaseException as e:  # noqa: BLE001 - reported in proxy.log, then the child ends
         try:
-            os.write(2, f"panopticon: the forked proxy failed to start: {e!r}\n".encode())
+            os.write(2, f"panopticon: the proxy failed to start: {e!r}\n".encode())
         except OSError:
             pass
     finally:
         os._exit(code)
+
+
+# A proxy interpreter started ahead of its jail (`prestart`): (process, control, ready).
+_prestarted: list[tuple[subprocess.Popen, int, int]] = []
+
+_PRESTART_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                  "from panopticond.proxy import prestarted; prestarted(sys.argv[2:])")
+
+
+def prestart() -> None:
+    """Start the cold path's proxy interpreter now: it imports mitmproxy and our addons
+    (~0.7 s of CPU) while `run` reads the config and builds the jail, then waits, as
+    root, with nothing open but two pipes, until `Proxy.start` tells it where to go;
+    only then does it enter the namespace and drop to the proxy user, as the spawned
+    proxy would. It ends if its parent does, or closes the control pipe unused."""
+    if _prestarted:
+        return
+    root = package_root()
+    ctl_r, ctl_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _PRESTART_BOOT, root, str(ctl_r), str(ready_w)],
+            stdin=subprocess.DEVNULL, pass_fds=(ctl_r, ready_w), cwd="/",
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            preexec_fn=_die_with_parent)
+    except BaseException:
+        for fd in (ctl_r, ctl_w, ready_r, ready_w):
+            os.close(fd)
+        raise
+    os.close(ctl_r)
+    os.close(ready_w)
+    _prestarted.append((proc, ctl_w, ready_r))
+
+
+def discard_prestarted() -> None:
+    """End a prestarted interpreter that no proxy took (idempotent)."""
+    while _prestarted:
+        proc, ctl_w, ready_r = _prestarted.pop()
+        for fd in (ctl_w, ready_r):
+            os.close(fd)  # EOF: it ends by itself
+        try:
+            proc.wait(2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    privs.set_pdeathsig()
+
+
+def prestarted(argv: list[str]) -> None:  # pragma: no cover - the prestarted child
+    """The prestarted interpreter: import, then wait for the one instruction."""
+    ctl_r, ready_w = int(argv[0]), int(argv[1])
+    from . import ca, proxy_main
+
+    # Most runs of the cold path are ad-hoc, with an ephemeral CA: its RSA key (50-150 ms)
+    # is made now, in memory, and written only as the proxy user, into its own confdir.
+    fresh = ca.new_ephemeral()
+    with os.fdopen(ctl_r, "rb") as ctl:
+        line = ctl.readline()
+    if not line:
+        os._exit(0)  # nobody needs us
+    go = json.loads(line)
+    err = os.open(go["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+
+    def write_ca() -> None:
+        confdir = go["fresh_ca"]
+        if confdir:
+            ca.write_ephemeral(confdir, fresh)
+            proxy_main.seed_ca(confdir, fresh.private_key, fresh.certificate)
+
+    _become_proxy(go["opts"], ready_w, err, devnull, go["env"], go["netns"], go["uid"],
+                  go["gid"], as_proxy_user=write_ca)
 
 
 def _max_fd() -> int:
@@ -235,6 +326,22 @@ class Proxy:
         }
         uid, gid = self.spec.uid, self.spec.gid
         netns = names.netns
+        if not self.fork and _prestarted:
+            proc, ctl_w, ready_r = _prestarted.pop()
+            os.close(r)
+            os.close(w)
+            err.close()
+            go = {"opts": opts_path, "stderr": self.stderr_path, "env": env, "netns": netns,
+                  "uid": uid, "gid": gid,
+                  "fresh_ca": self.spec.confdir if self.spec.fresh_ca else ""}
+            try:
+                os.write(ctl_w, (json.dumps(go) + "\n").encode())
+            except OSError:
+                pass  # it died: wait_ready says so (with its output in proxy.log)
+            finally:
+                os.close(ctl_w)
+            self.proc, self._ready_r = proc, ready_r
+            return
         if self.fork:
             try:
                 self.proc = _fork_proxy(opts_path, w, err, env, netns, uid, gid)

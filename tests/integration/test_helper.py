@@ -116,6 +116,55 @@ def _unix_inode(path: str, pid: int) -> str:
     raise AssertionError(f"{path} is not a listening Unix socket")
 
 
+@pytest.mark.parametrize("variant", ["cold", "helper"])
+def test_the_proxy_made_ahead_is_the_proxy_user_alone_with_its_ca_key(
+        lab, work, resident_helper, variant):
+    """A proxy that imported mitmproxy as root before its jail existed (the cold path's
+    prestarted one, or forked from the helper): once running, it is the proxy user
+    alone, and the ephemeral CA's key, made ahead, is its own."""
+    jail.HELPER = resident_helper.socket if variant == "helper" else "off"
+    try:
+        p = subprocess.Popen(jail.run_argv(lab, work.path / "config.toml", ["sleep", "30"]),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    finally:
+        jail.HELPER = "off"
+    name = jail.instance_of(p.pid)
+    try:
+        jail.wait_ready(name, p)
+        proxy = _the_proxy(name)
+        key = Path(f"/run/panopticon/{name}/ca/mitmproxy-ca.pem")
+        st = key.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (_proxy_uid(), 0o600)
+        assert "BEGIN RSA PRIVATE KEY" in key.read_text()
+        exported = Path(f"/run/panopticon/{name}/ca.pem").read_text()
+        assert exported.strip() in key.read_text()  # the CA the agent trusts is that one
+    finally:
+        jail.kill_group(p, signal.SIGTERM)
+        p.communicate(timeout=30)
+    assert proxy and jail.leftovers(lab, name) == []
+
+
+def _proxy_uid() -> int:
+    return int(subprocess.run(["id", "-u", "panopticon-proxy"], capture_output=True,
+                              text=True).stdout)
+
+
+def _the_proxy(name: str) -> int:
+    """The pid of the jail's proxy, checked: the proxy user's alone, no capabilities."""
+    proxy_uid = _proxy_uid()
+    pids = netns.pids_in(f"panopticon-{name}")
+    proxies = [q for q in pids if int(_proc_status(q)["Uid"].split()[0]) == proxy_uid]
+    assert len(proxies) == 1, pids
+    st = _proc_status(proxies[0])
+    assert st["Uid"].split() == [str(proxy_uid)] * 4 and st["Gid"].split()[0] != "0"
+    assert "0" not in st["Gid"].split() and st["Groups"] == ""
+    for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(st[k], 16) == 0, (k, st[k])
+    assert st["NoNewPrivs"] == "1"
+    return proxies[0]
+
+
 def test_the_forked_proxy_holds_nothing_of_the_root_helper(lab, work, via):
     p = subprocess.Popen(jail.run_argv(lab, work.path / "config.toml", ["sleep", "30"]),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -123,17 +172,8 @@ def test_the_forked_proxy_holds_nothing_of_the_root_helper(lab, work, via):
     name = jail.instance_of(p.pid)
     try:
         jail.wait_ready(name, p)
-        proxy_uid = int(subprocess.run(["id", "-u", "panopticon-proxy"], capture_output=True,
-                                       text=True).stdout)
-        pids = netns.pids_in(f"panopticon-{name}")
-        proxies = [q for q in pids if int(_proc_status(q)["Uid"].split()[0]) == proxy_uid]
-        assert len(proxies) == 1, pids
+        proxies = [_the_proxy(name)]
         st = _proc_status(proxies[0])
-        assert st["Uid"].split() == [str(proxy_uid)] * 4 and st["Gid"].split()[0] != "0"
-        assert st["Groups"] == ""
-        for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-            assert int(st[k], 16) == 0, (k, st[k])
-        assert st["NoNewPrivs"] == "1"
         # Its parent is the jail process (it dies with it: parent-death signal), which
         # is not the helper, and neither holds the helper's listening socket.
         jail_process = int(st["PPid"])

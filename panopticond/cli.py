@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("target", nargs="+", metavar="[METHOD] URL")
     pt.set_defaults(func=cmd_policy_test)
 
-    from .logcli import add_parsers as add_log_parsers
+    from .logargs import add_parsers as add_log_parsers
 
     add_log_parsers(sub, posub, common)
 

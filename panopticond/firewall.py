@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import time
@@ -480,7 +481,7 @@ def _import_iptc() -> Any:
         try:
             import iptc
 
-            return iptc
+            return _without_round_trip(iptc)
         except ImportError:
             for name in [m for m in sys.modules if m == "iptc" or m.startswith("iptc.")]:
                 del sys.modules[name]
@@ -489,6 +490,24 @@ def _import_iptc() -> Any:
                 del sys.modules["distutils"]
     import iptc
 
+    return _without_round_trip(iptc)
+
+
+def _without_round_trip(iptc: Any) -> Any:
+    """python-iptables' `final_check` of every match and target first prints it with the
+    extension's `save`, splits that with shlex, resets it and parses every option again
+    (`_update_parameters`), then runs the extension's own final check: half of the time
+    of adding a rule. The extension's check alone is kept. What this could change is
+    caught: every table is read back and compared with the plan after its commit, and a
+    difference fails the start (tests/integration/test_firewall.py)."""
+    cls = iptc.ip4tc.IPTCModule
+    if not getattr(cls, "_panopticon_checked", False):
+        def final_check(self: Any) -> None:
+            if self._module:
+                self._final_check()
+
+        cls.final_check = final_check
+        cls._panopticon_checked = True
     return iptc
 
 
@@ -504,11 +523,34 @@ def _net(value: str | None) -> str | None:
 
 def _params(module: Any) -> tuple[tuple[str, str], ...]:
     out = []
-    for key, values in module.get_all_parameters().items():
+    for key, values in _all_parameters(module).items():
         neg = values[:1] == ["!"]
         value = ("!" if neg else "") + " ".join(values[1:] if neg else values)
         out.append((key, value))
     return tuple(out)
+
+
+def _all_parameters(module: Any) -> dict[str, list[str]]:
+    """python-iptables' `get_all_parameters`, but shlex (slow, pure Python) only where
+    the saved text has quoting; otherwise a plain split gives the same words."""
+    buf = module._get_saved_buf(module.rule.get_ip())
+    if buf is None:
+        return {}
+    if not isinstance(buf, str):
+        buf = buf.decode()
+    words = shlex.split(buf) if any(c in buf for c in "\"'\\") else buf.split()
+    params: dict[str, list[str]] = {}
+    key, inv = None, False
+    for x in words:
+        if x == "!":
+            inv = True
+        elif x.startswith("--"):
+            key = x[2:]
+            params[key] = ["!"] if inv else []
+            inv = False
+        elif key is not None:
+            params[key].append(x)
+    return params
 
 
 class _Tables:

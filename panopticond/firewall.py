@@ -18,8 +18,10 @@ and shows none of it; inspect with `iptables-legacy-save` / `ip6tables-legacy-sa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import difflib
+import fcntl
 import ipaddress
 import logging
 import multiprocessing
@@ -675,12 +677,13 @@ class _Tables:
 
     def apply(self, rs: RuleSet) -> None:
         for table in rs.tables:
-            t = self.table(table)
-            if rs.tag is None:
-                self._rebuild(t, rs)
-            else:
-                self._replace_tagged(t, rs)
-            self._commit(t, "the tagged chains" if rs.tag else "the whole table")
+            with _xtables_lock():
+                t = self.table(table)
+                if rs.tag is None:
+                    self._rebuild(t, rs)
+                else:
+                    self._replace_tagged(t, rs)
+                self._commit(t, "the tagged chains" if rs.tag else "the whole table")
 
     def _rebuild(self, t: Any, rs: RuleSet) -> None:
         names = [c.name for c in t.chains]
@@ -733,9 +736,10 @@ class _Tables:
     def remove(self, prefix: str) -> list[str]:
         """Remove `prefix` chains and jumps; what is left afterwards (empty when done)."""
         for table in self.names:
-            t = self.table(table)
-            self._remove_prefix(t, prefix)
-            self._commit(t, f"the removal of {prefix}*")
+            with _xtables_lock():
+                t = self.table(table)
+                self._remove_prefix(t, prefix)
+                self._commit(t, f"the removal of {prefix}*")
         left = []
         for table in self.names:
             t = self.table(table)
@@ -781,6 +785,35 @@ class _Tables:
                 expected = [r.describe() for r in rs.chain_rules(table, name)]
                 out += _compare(f"{where} {name}", expected, [self.render(name, r) for r in rules])
         return out
+
+
+XTABLES_LOCK_WAIT = 30.0
+
+
+@contextlib.contextmanager
+def _xtables_lock():
+    """iptables' own lock (`iptables -w`), around each table's read, change and commit.
+
+    The kernel takes a table whole (IPT_SO_SET_REPLACE) and refuses, with EAGAIN, one
+    built from a copy that changed meanwhile: two jails starting at once (or Docker
+    beside us) must take turns on the host's tables, as the iptables commands do on the
+    same lock file."""
+    path = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + XTABLES_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise _Failure(f"another program has held {path} for "
+                                   f"{XTABLES_LOCK_WAIT:.0f} s") from None
+                time.sleep(0.002)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _iface_mask(value: str) -> bytes:

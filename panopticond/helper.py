@@ -390,14 +390,25 @@ def _jail_process(conn: socket.socket, pair, spare_ca, close_fds: list[int],
         stop_requested.append(0)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the teardown runs to its end
+        teardown_error = None
         if inst is not None:
-            inst.stop()  # kills whatever still runs in the namespace: the agent too
+            try:
+                inst.stop()  # kills whatever still runs in the namespace: the agent too
+            except Exception as e:  # noqa: BLE001 - reported to the client, as the cold path would
+                teardown_error = e
     if inst is not None and inst.ca_info is not None:
         # The run's summary, written here (its stderr is the client's): the client
         # would otherwise import the log reader for it (~80 ms of every run).
         with contextlib.suppress(Exception):
             cli.print_summary(inst.log_path, inst.names.instance, started, req.agent,
                               default_log=req.log is None)
+    if teardown_error is not None:
+        log.error("jail process: teardown failed: %s", teardown_error)
+        hint = getattr(teardown_error, "hint", None) or \
+            f"run 'panopticon cleanup {inst.names.instance}'"
+        _send_quietly(conn, {"error": {"message": f"teardown failed: {teardown_error}",
+                                       "hint": hint, "status": int(ExitStatus.ERROR)}})
+        return 1
     _send_quietly(conn, {"stopped": {}})
     clean = not stop_requested and (pair is None or _workers_clean(firewall))
     firewall.forget_borrowed()

@@ -80,6 +80,10 @@ def run(path: str, req: proto.RunRequest) -> int | None:
         log.debug("helper: torn down in %.0f ms", (time.monotonic() - t1) * 1000)
         if failure is not None:
             raise failure
+        if stopped is not None and "error" in stopped:
+            err = stopped["error"]
+            raise PanopticonError(err.get("message", "the teardown failed"), hint=err.get("hint"),
+                                  status=ExitStatus(err.get("status", int(ExitStatus.ERROR))))
         if stopped is None or "stopped" not in stopped:
             raise PanopticonError(
                 "the resident helper did not confirm that the jail was torn down",

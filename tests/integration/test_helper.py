@@ -272,3 +272,28 @@ def test_jails_outlive_a_stopped_helper(lab, work, mark):
         assert lab.events(since=mark, path="/after-helper-stop")
         assert jail.leftovers(lab, name) == []
         assert not os.path.exists(own.socket)
+
+
+@pytest.mark.parametrize("variant", ["cold", "helper"])
+def test_runs_at_the_same_time_each_get_their_own_jail(lab, work, resident_helper, mark,
+                                                       variant):
+    """Several runs at once: their changes to the host's tables take turns (iptables'
+    own lock; the kernel refuses a table replaced meanwhile), through the helper those
+    without a warm pair start fresh workers, and every run gets its jail, its answer and
+    nothing of the others'."""
+    via = resident_helper
+    jail.HELPER = via.socket if variant == "helper" else "off"
+    try:
+        procs = [subprocess.Popen(jail.run_argv(lab, work.path / "config.toml",
+                                                _curl(f"https://{V4_ONLY[0]}/together-{i}")),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(3)]
+    finally:
+        jail.HELPER = "off"
+    results = [(p.pid, *p.communicate(timeout=120), p.returncode) for p in procs]
+    for pid, out, err, rc in results:
+        assert rc == 0 and out == "200", err
+        assert jail.leftovers(lab, jail.instance_of(pid)) == []
+    for i in range(3):
+        assert lab.events(since=mark, path=f"/together-{i}")
+    assert "ended with status" not in via.log()

@@ -49,6 +49,7 @@ log = logging.getLogger("panopticon")
 SD_LISTEN_FDS_START = 3
 SPARE_DELAY = 1.0  # s after a pair of workers was lent before a new spare is started
 MAX_PAIRS = 4  # warm pairs kept (one per jail starting at the same time)
+NO_REQUEST = 3  # a jail process's status when its client asked for nothing (it built nothing)
 
 
 def preload() -> None:
@@ -268,8 +269,11 @@ def _reap(jails: dict[int, None], pool: WorkerPool) -> None:
         if done:
             del jails[pid]
             code = os.waitstatus_to_exitcode(status)
-            pool.returned(pid, clean=code == 0)
-            if code != 0:
+            # A client that went away before asking anything: its workers were unused.
+            pool.returned(pid, clean=code in (0, NO_REQUEST))
+            if code == NO_REQUEST:
+                log.info("jail process %d: the client asked for nothing", pid)
+            elif code != 0:
                 log.warning("jail process %d ended with status %d", pid, code)
 
 
@@ -325,11 +329,11 @@ def _jail_process(conn: socket.socket, pair, spare_ca, close_fds: list[int],
     try:
         os.dup2(proto.recv_fd(conn), 2)
         msg = proto.recv(conn)
-    except (OSError, proto.ProtocolError):
-        return 1
-    if msg is None or "run" not in msg:
-        return 1
-    req = proto.RunRequest.from_json(msg["run"])
+        if msg is None or "run" not in msg:
+            return NO_REQUEST
+        req = proto.RunRequest.from_json(msg["run"])
+    except (OSError, ValueError, TypeError, proto.ProtocolError):
+        return NO_REQUEST
     # The ad-hoc name comes from who is really on the other end.
     req = proto.RunRequest(**{**req.to_json(), "pid": client_pid})
     cli._setup_logging(req.verbose)

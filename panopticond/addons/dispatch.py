@@ -23,6 +23,8 @@ What mitmproxy 11.0 does per chain entry, `Dispatch` does per sub-addon (see
 - `load` registers each sub-addon with `master.addons.register`: its `load`, its
   options and commands, and its name (`ctx.master.addons.get(name)` finds it).
   `configure`, `running` and `done` reach each sub-addon in order like any other hook.
+  (`master.addons.remove` of a `Dispatch` would leave those names registered; nothing
+  removes ours.)
 
 Hooks are looked up once, when the `Dispatch` is built: a sub-addon that adds or
 replaces a hook attribute later is not seen. panopticon's addons do not; the operator's

@@ -16,11 +16,15 @@ Use `install(master)`: a DumpMaster already holds mitmproxy's own `dnsresolver`,
 which would resolve a query before `DnsFilter` sees it; `install` puts DnsFilter
 ahead of it. Everything else of ours must run after mitmproxy's addons (Enforce
 overrides `next_layer` and `tls_clienthello` choices) and stays at the end.
+`install` adds them as `dispatch.Dispatch` entries (one for the two DNS addons, one
+for the rest), each running its addons in this order (issue 8: mitmproxy's per-entry
+dispatch cost more than most of our hooks).
 """
 
 from __future__ import annotations
 
 from panopticond.addons.binding import Binding
+from panopticond.addons.dispatch import Dispatch
 from panopticond.addons.dnsfilter import DnsFilter
 from panopticond.addons.enforce import Enforce
 from panopticond.addons.finalguard import FinalGuard
@@ -33,7 +37,8 @@ from panopticond.addons.policyfile import PolicyFile
 from panopticond.addons.secretswap import SecretDns, SecretGuard, Secrets, SecretSwap
 from panopticond.addons.verdict import Approvals
 
-__all__ = ["DnsFilter", "Enforce", "FinalGuard", "FlowLog", "all_addons", "install"]
+__all__ = ["DnsFilter", "Enforce", "FinalGuard", "FlowLog", "all_addons", "chain_entries",
+           "install"]
 
 
 def all_addons(operator: list | tuple = ()) -> list:
@@ -63,18 +68,49 @@ def all_addons(operator: list | tuple = ()) -> list:
     ]
 
 
+# What `install` dispatches: panopticon's own addons. The operator's addons and the
+# boundary's guards around them stay chain entries of their own: an operator addon may
+# grow or replace hooks after load (mitmproxy looks them up per event, `Dispatch` once),
+# and the boundary's checks were written against mitmproxy's per-entry dispatch. They
+# are off the default path; with them the chain has two `Dispatch` entries around them.
+_OURS = (GcFreeze, Inbound, Enforce, Binding, SecretGuard, SecretDns, DnsFilter, AddHeaders,
+         FlowLog, SecretSwap, FinalGuard)
+
+
+def chain_entries(addons: list) -> list:
+    """`addons` as chain entries: each run of ours one `Dispatch`, the rest as they are."""
+    out: list = []
+    run: list = []
+    names = iter(["panopticon_dispatch", "panopticon_dispatch_2"])  # ours, operator, ours
+    for a in [*addons, None]:
+        if isinstance(a, _OURS):
+            run.append(a)
+            continue
+        if run:
+            out.append(Dispatch(next(names), run))
+            run = []
+        if a is not None:
+            out.append(a)
+    return out
+
+
 def install(master, operator: list | tuple = ()) -> list:
-    """Add `all_addons(operator)` to `master` (before it runs) and move SecretDns and
-    DnsFilter ahead of mitmproxy's DNS resolver. Returns the addons."""
+    """Add `all_addons(operator)` to `master` (before it runs), SecretDns and DnsFilter
+    ahead of mitmproxy's DNS resolver, as `Dispatch` entries (`_OURS`). Returns the
+    addons."""
     addons = all_addons(operator)
-    master.addons.add(GcFreeze(), *addons)
-    firsts = [a for a in addons if isinstance(a, (SecretDns, DnsFilter))]
     resolver = master.addons.get("dnsresolver")
     chain = master.addons.chain
-    if resolver in chain and any(chain.index(resolver) < chain.index(a) for a in firsts):
+    early = [a for a in addons if isinstance(a, (SecretDns, DnsFilter))]
+    if resolver not in chain:
+        early = []  # nothing to be ahead of: they keep their place among the others
+    entries = chain_entries([GcFreeze(), *(a for a in addons if not any(a is e for e in early))])
+    first = Dispatch("panopticon_dispatch_dns", early) if early else None
+    master.addons.add(*([first] if first else []), *entries)
+    if first is not None:
         # Rebind rather than mutate: an event being dispatched keeps iterating the old list.
-        reordered = [a for a in chain if a not in firsts]
+        reordered = [a for a in master.addons.chain if a is not first]
         at = reordered.index(resolver)
-        reordered[at:at] = firsts
+        reordered[at:at] = [first]
         master.addons.chain = reordered
     return addons

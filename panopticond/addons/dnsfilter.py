@@ -25,7 +25,7 @@ import logging
 
 from mitmproxy import ctx, dns
 
-from panopticond.addons import policyfile, verdict
+from panopticond.addons import dispatch, policyfile, verdict
 from panopticond.destinations import decide_dns
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class DnsFilter:
     def running(self):
         if not self.policy.configured:
             self.policy.load(ctx.options.panopticon_policy)
-        chain = ctx.master.addons.chain
+        chain = dispatch.expand(ctx.master.addons.chain)
         resolver = ctx.master.addons.get("dnsresolver")
         if resolver in chain and self in chain and chain.index(resolver) < chain.index(self):
             logger.error(

@@ -23,9 +23,9 @@ logged as an error.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -86,6 +86,9 @@ class FlowLog:
         self._rotation_logged: str | None = None
         self._ok = True
         self._since = time.time()  # when `ok` last changed
+        # The instance option, read at the first record after each change (an option
+        # lookup deep-copies its value: per record it was a tenth of the record's cost).
+        self._instance_name: str | None = None
 
     def load(self, loader):
         loader.add_option(
@@ -116,6 +119,8 @@ class FlowLog:
             raise exceptions.OptionsError(f"panopticon_log_max_bytes must be >= 0, got {size}")
         if "panopticon_log_keep" in updated and keep < 1:
             raise exceptions.OptionsError(f"panopticon_log_keep must be >= 1, got {keep}")
+        if "panopticon_instance" in updated:
+            self._instance_name = None
         if "panopticon_log_status" in updated:
             self.status_path = ctx.options.panopticon_log_status
             self._reported = None
@@ -356,10 +361,13 @@ class FlowLog:
 
     @staticmethod
     def _dumps(rec: Mapping[str, Any]) -> str:
-        return json.dumps(rec, ensure_ascii=True, allow_nan=False, default=str)
+        return _encode(rec)
 
     def _instance(self) -> str:
-        return ctx.options.panopticon_instance if "panopticon_instance" in ctx.options else ""
+        if self._instance_name is None:
+            self._instance_name = (ctx.options.panopticon_instance
+                                   if "panopticon_instance" in ctx.options else "")
+        return self._instance_name
 
     def _close(self) -> None:
         if self.log is not None:
@@ -428,5 +436,26 @@ def _addr(address) -> str | None:
 
 
 def _rfc3339(ts: float) -> str:
-    dt = datetime.datetime.fromtimestamp(ts, tz=datetime.timezone.utc)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """`ts` as UTC with milliseconds, "2026-11-22T13:15:08.123Z": what
+    `datetime.fromtimestamp(ts, utc).isoformat(timespec="milliseconds")` gives (rounded
+    to microseconds half-even, then truncated), with the date and time formatted once
+    per second instead of per record."""
+    global _second
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        us -= 1_000_000
+        whole += 1
+    elif us < 0:
+        us += 1_000_000
+        whole -= 1
+    sec = int(whole)
+    cached = _second
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{us // 1000:03d}Z"
+
+
+_second: tuple[int | None, str] = (None, "")
+# json.dumps builds an encoder per call when given any option; the same one, kept.
+_encode = json.JSONEncoder(ensure_ascii=True, allow_nan=False, default=str).encode

@@ -1,3 +1,4 @@
+import datetime
 import json
 import logging
 import os
@@ -5,6 +6,8 @@ import re
 import stat
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mitmproxy import dns, exceptions, http, tls
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -324,3 +327,43 @@ def test_failed_tls_handshake_is_logged(flowlog, log_path):
     (rec,) = lines(log_path)
     assert rec["kind"] == "tls" and rec["host"] == "pinned.example"
     assert rec["decision"] == "none" and "certificate unknown" in rec["error"]
+
+
+# --- the per-record shortcuts (issue 8) -------------------------------------------------------
+
+
+def _reference_rfc3339(ts):
+    dt = datetime.datetime.fromtimestamp(ts, tz=datetime.timezone.utc)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))  # to 2100
+def test_time_format_is_the_datetime_one(ts):
+    assert flowlog_mod._rfc3339(ts) == _reference_rfc3339(ts)
+
+
+@pytest.mark.parametrize("ts", [0.0, 1.0, 1763817308.0, 1763817308.9995, 1763817308.9999995,
+                                1763817308.0000004, 1763817308.0005, 1763817309.999999999,
+                                1763817308.1234565, 1763817308.1234575, 1e9 + 0.5e-6])
+def test_time_format_edges(ts):
+    # Around a second's end and microsecond ties (rounded half-even, then truncated).
+    for t in (ts, ts, ts + 1):  # the second is cached: again, and the next one
+        assert flowlog_mod._rfc3339(t) == _reference_rfc3339(t)
+
+
+def test_the_encoder_is_json_dumps_with_the_same_options():
+    rec = {"a": "é\u2028", "b": [1, 2.5, None, True], "c": {"d": b"x"}, "e": object}
+    assert FlowLog._dumps(rec) == json.dumps(rec, ensure_ascii=True, allow_nan=False,
+                                              default=str)
+    with pytest.raises(ValueError):
+        FlowLog._dumps({"x": float("nan")})
+
+
+def test_a_changed_instance_name_reaches_the_next_record(log_path):
+    fl = FlowLog(reserve_bytes=0)
+    with taddons.context(fl) as tctx:
+        tctx.configure(fl, panopticon_log=str(log_path), panopticon_instance="one")
+        fl.response(http_flow())
+        tctx.options.update(panopticon_instance="two")
+        fl.response(http_flow())
+    assert [r["instance"] for r in lines(log_path)] == ["one", "two"]

@@ -12,7 +12,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from mitmproxy.tools.dump import DumpMaster
 
 import panopticond.addons as pa
-from panopticond.addons import verdict
+from panopticond.addons import dispatch, verdict
 from panopticond.policy import Policy
 
 DEST = "198.51.100.7"
@@ -92,7 +92,9 @@ def test_install_puts_dnsfilter_before_mitmproxys_resolver():
     async def build():
         m = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
         pa.install(m)
-        return [getattr(a, "name", type(a).__name__.lower()) for a in m.addons.chain]
+        # The order in which addons see events, through the Dispatch entries.
+        return [getattr(a, "name", type(a).__name__.lower())
+                for a in dispatch.expand(m.addons.chain)]
 
     names = asyncio.run(build())
     assert names.index("panopticon_dnsfilter") < names.index("dnsresolver")

@@ -324,3 +324,16 @@ def test_failed_tls_handshake_is_logged(flowlog, log_path):
     (rec,) = lines(log_path)
     assert rec["kind"] == "tls" and rec["host"] == "pinned.example"
     assert rec["decision"] == "none" and "certificate unknown" in rec["error"]
+
+
+def test_with_several_workers_every_record_says_which(flowlog, log_path):
+    from mitmproxy import ctx
+
+    flowlog.response(http_flow())  # one proxy: no such field
+    ctx.options.update(panopticon_worker=1)
+    flowlog.response(http_flow())
+    flowlog.write_record({"kind": "tripwire", "secret": "X"})
+    ctx.options.update(panopticon_worker=-1)
+    flowlog.response(http_flow())
+    assert [r.get("worker") for r in lines(log_path)] == [None, 1, 1, None]
+    assert "worker" not in lines(log_path)[0]

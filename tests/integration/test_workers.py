@@ -8,8 +8,8 @@ dials at an address of its own choosing goes to the name's own address on either
 (threats 18/19), a denied host is denied by both, both present the one CA the agent
 trusts, and neither worker's port is reachable except through the REDIRECT. The
 simulated internet's own logs confirm what arrived and what did not. The log is rotated
-small on purpose: two writers, one log, no line split and no record lost. Last, a daemon whose worker 1 is killed
-restarts that worker alone.
+small on purpose: two writers, one log, no line split and no record lost. Last, a daemon
+whose worker 1 is killed restarts that worker alone.
 """
 
 from __future__ import annotations

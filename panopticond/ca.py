@@ -137,12 +137,11 @@ def create_if_missing(confdir: str, proxy_uid: int, proxy_gid: int) -> bool:
     makes the key and certificate; every file is created 0600 and given to the proxy user
     before a byte is written, so the key never exists with another owner.
     """
-    from mitmproxy import certs  # ~0.1 s: only with several workers and no CA yet
-    from mitmproxy.options import KEY_SIZE  # the proxy's key_size, left at its default
-
     key_path = os.path.join(confdir, CA_KEY_AND_CERT)
     if os.path.exists(key_path):
         return False
+    from mitmproxy import certs  # ~0.1 s: only with several workers and no CA yet
+    from mitmproxy.options import KEY_SIZE  # the proxy's key_size, left at its default
     key, cert = certs.create_ca(organization="mitmproxy", cn="mitmproxy", key_size=KEY_SIZE)
     pem_cert = cert.public_bytes(serialization.Encoding.PEM)
     pem_key = key.private_bytes(serialization.Encoding.PEM,

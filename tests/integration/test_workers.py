@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import secrets
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,33 @@ def _pids_of(name: str, worker: int) -> list[int]:
     return found
 
 
+HOLDER = """
+import http.client, json, socket, ssl, sys
+host, ctx = sys.argv[1], ssl.create_default_context(cafile=sys.argv[2])
+# Connected back to back, so that the agent's other traffic cannot come between them in
+# the REDIRECT's turn: they go to the workers alternately.
+socks = [socket.create_connection((host, 443), timeout=10) for _ in range(4)]
+conns = []
+for i, s in enumerate(socks):
+    c = http.client.HTTPSConnection(host, timeout=10)
+    c.sock = ctx.wrap_socket(s, server_hostname=host)
+    c.request("GET", f"/hold/{sys.argv[3]}/{i}")
+    c.getresponse().read()
+    conns.append(c)
+print("open", flush=True)
+sys.stdin.readline()
+out = []
+for c in conns:
+    try:
+        c.request("GET", "/again")
+        c.getresponse().read()
+        out.append("served")
+    except (OSError, http.client.HTTPException):
+        out.append("cut")
+print(json.dumps(out), flush=True)
+"""
+
+
 def test_the_daemon_restarts_a_dead_worker_and_the_jail_serves_on_both_again(lab):
     from test_daemon import TRAFFIC, Daemon, gone_or_zombie
 
@@ -188,6 +216,29 @@ def test_the_daemon_restarts_a_dead_worker_and_the_jail_serves_on_both_again(lab
         # The agent's requests succeed again once the worker is back.
         n = len(d.traffic())
         lab.wait_for(lambda: len([t for t in d.traffic()[n:] if t["ok"]]) >= 6, 30)
+        # A narrowing reload closes the agent's open connections on every worker: four
+        # kept-alive connections, on both workers, are each cut.
+        bundle = f"/run/panopticon/{d.name}/ca-bundle.pem"
+        holder = subprocess.Popen(d.jailed([VENV_PYTHON, "-c", HOLDER, V6_ONLY[0], bundle,
+                                            canary]),
+                                  stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "open"
+            d.write_config([V4_ONLY[0]], "proxy_workers = 2\n")
+            assert d.reload().returncode == 0
+            ev = d.wait_event("reload", result="applied")
+            assert ev["narrowed"] == "true" and not d.events("reload-connections"), d.journal
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            after = json.loads(holder.stdout.readline())
+        finally:
+            holder.kill()
+            holder.wait()
+        assert after == ["cut"] * 4, after
+        assert int(ev["closed_connections"]) >= 4
+        held = [json.loads(ln) for ln in Path(f"/var/log/panopticon/{d.name}/requests.jsonl")
+                .read_text().splitlines() if f"/hold/{canary}/" in ln]
+        assert len(held) == 4 and {r["worker"] for r in held} == {0, 1}, held
         assert d.stop() == 0
         assert not _pids_of(d.name, 0) and not _pids_of(d.name, 1)
     finally:

@@ -169,6 +169,42 @@ def write_ephemeral(confdir: str, ephemeral: EphemeralCA,
             f.write(data)
 
 
+def create_if_missing(confdir: str, proxy_uid: int, proxy_gid: int) -> bool:
+    """Generate the CA in `confdir` now, as mitmproxy would at its start, unless one is
+    there. True if it was created.
+
+    With several proxy workers, each would otherwise generate its own when they start
+    together, and the agent would trust only one of them. mitmproxy's own generator
+    makes the key and certificate; every file is created 0600 and given to the proxy user
+    before a byte is written, so the key never exists with another owner.
+    """
+    key_path = os.path.join(confdir, CA_KEY_AND_CERT)
+    if os.path.exists(key_path):
+        return False
+    from mitmproxy import certs  # ~0.1 s: only with several workers and no CA yet
+    from mitmproxy.options import KEY_SIZE  # the proxy's key_size, left at its default
+    key, cert = certs.create_ca(organization="mitmproxy", cn="mitmproxy", key_size=KEY_SIZE)
+    pem_cert = cert.public_bytes(serialization.Encoding.PEM)
+    pem_key = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    # The other files mitmproxy writes with its CA are for people installing it by hand;
+    # it reads only these (and uses its own DH parameters without the dhparam file).
+    files = [(CA_CERT, pem_cert), ("mitmproxy-ca-cert.cer", pem_cert), ("mitmproxy-dhparam.pem",
+             certs.DEFAULT_DHPARAM), (CA_KEY_AND_CERT, pem_key + pem_cert)]
+    for name, data in files:  # the key last: its presence means a complete CA
+        path = os.path.join(confdir, name)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchown(fd, proxy_uid, proxy_gid)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    return True
+
+
 def export(names: Names, confdir: str) -> CAInfo:
     """After the proxy is ready: publish the certificate and the bundle for the agent."""
     src = os.path.join(confdir, CA_CERT)

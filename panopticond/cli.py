@@ -194,6 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             "addons": list(ag.addons), "mode": ag.mode,
             "secrets": _secrets_checked(ag), "dlp": ag.dlp,
             "inbound": {r.name: r.to_dict() for r in ag.inbound},
+            "proxy_workers": ag.proxy_workers,
         }
         if args.plan:
             entry["plan"] = _plan(cfg, ag)
@@ -226,6 +227,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"({sec['source']} {sec[sec['source']]}: {sec['status']})")
         if e["dlp"] != "block":
             print(f"  dlp:     {e['dlp']}")
+        if e["proxy_workers"] != 1:
+            print(f"  proxy workers: {e['proxy_workers']}")
         if args.plan:
             p = e["plan"]
             print(f"  netns {p['netns']}, veth {p['veth_host']} <-> {p['veth_jail']}")
@@ -295,6 +298,8 @@ def _plan(cfg, ag) -> dict:
         log_status=logread.status_path(inst.names.run_dir),
         inbound_modes=tuple(inbound.proxy_modes(inbound.plan(ag.inbound, ipv6=cfg.network.ipv6))),
         inbound_path=f"{inst.names.run_dir}/inbound.json" if ag.inbound else "",
+        workers=ag.proxy_workers,
+        pins_socket=f"{inst.names.run_dir}/pins/pins.sock" if ag.proxy_workers > 1 else "",
     )
     a = inst.addressing
     out = {

@@ -25,6 +25,7 @@ Schema (built-in defaults in parentheses)::
     ca = "persistent" | "ephemeral" | { cert = "/abs", key = "/abs" }   ("persistent")
     log_max_bytes = N          # rotate the request log past N bytes; 0: never (64 MiB)
     log_keep = N               # rotated request logs kept, 1-1000 (7)
+    proxy_workers = N          # proxy processes sharing the agent's connections, 1-8 (1)
     dlp = "block" | "log"      # credential shapes in requests ("block"); secretconfig.py
     [defaults.dlp_patterns]    # name = "regex" adds a DLP rule, name = "" drops a built-in
     [defaults.secrets.NAME]    # domains, file|env|credential, placeholder, env_name, ...
@@ -50,6 +51,7 @@ Schema (built-in defaults in parentheses)::
     mode                       # replaces defaults.mode
     ca = ...                   # replaces defaults.ca
     log_max_bytes, log_keep    # replace the defaults'
+    proxy_workers              # replaces the defaults'
     health = "127.0.0.1:9180"  # panopticond's /healthz: loopback, one port per agent (none)
     dlp, dlp_patterns, secrets # replace, merge over, and add to the defaults' (by name)
     [agents.NAME.inbound.ROUTE]  # a way in to the agent's own service (inbound.py)
@@ -112,11 +114,12 @@ _SCALAR = re.compile(r"[^,\]}\n#]*")  # numbers, booleans, dates (which may hold
 
 _TOP_KEYS = ("defaults", "network", "proxy", "agents", "webhook")
 _DEFAULTS_KEYS = ("allow", "deny", "user", "ca", "log_max_bytes", "log_keep", "headers",
-                  "addons", "mode", *secretconfig.KEYS, *destconfig.KEYS)
+                  "addons", "mode", "proxy_workers", *secretconfig.KEYS, *destconfig.KEYS)
 _NETWORK_KEYS = ("ipv4_pool", "ipv6_pool", "ipv6", "dns_servers", "upstream_ca")
 _PROXY_KEYS = ("user",)
 _AGENT_KEYS = ("command", "user", "allow", "deny", "ca", "log_max_bytes", "log_keep", "health",
-               "headers", "addons", "mode", "inbound", *secretconfig.KEYS, *destconfig.KEYS)
+               "headers", "addons", "mode", "inbound", "proxy_workers", *secretconfig.KEYS,
+               *destconfig.KEYS)
 _CA_MODES = ("persistent", "ephemeral")
 _WEBHOOK_KEYS = ("url", "events", "secret_file")
 WEBHOOK_EVENTS = ("block", "tripwire", "health")
@@ -125,6 +128,9 @@ DEFAULT_LOG_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_LOG_KEEP = 7
 MIN_LOG_MAX_BYTES = 1024  # below, a unit was forgotten ("50" meant megabytes)
 MAX_LOG_KEEP = 1000
+# Each worker is a whole mitmproxy (~75 MB) and saturates one core; past the cores the
+# machine has, more only cost memory. A fixed bound: the loader looks at nothing on the host.
+MAX_PROXY_WORKERS = 8
 
 Path = tuple[str | int, ...]
 
@@ -176,6 +182,7 @@ class AgentConfig:
     ca: CASpec = CASpec()
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES  # 0: never rotate
     log_keep: int = DEFAULT_LOG_KEEP
+    proxy_workers: int = 1  # mitmproxy processes behind the one REDIRECT (instance.py)
     health: tuple[str, int] | None = None  # (loopback address, port) of panopticond's /healthz
     rules: tuple[RequestRule, ...] = ()  # the method/path tables of `allow`
     headers: tuple[HeaderRule, ...] = ()  # in order; a later one wins for the same header
@@ -328,6 +335,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             "mode": a.mode,
             "log_max_bytes": a.log_max_bytes,
             "log_keep": a.log_keep,
+            "proxy_workers": a.proxy_workers,
             "health": f"{_host_port(*a.health)}" if a.health else None,
             "inbound": {r.name: r.to_dict() for r in a.inbound},
             "secrets": {s.name: s.to_dict() for s in a.secrets},  # sources, never values
@@ -503,7 +511,13 @@ class _Checker:
             seen[a.health] = name
 
     def log_settings(self, t: dict[str, Any], p: Path, base: AgentConfig) -> dict[str, int]:
+        """The agent's integer settings (the request log's rotation, the proxy workers)."""
         return {
+            "proxy_workers": self.integer(
+                t["proxy_workers"], (*p, "proxy_workers"), 1, MAX_PROXY_WORKERS,
+                hint="how many proxy processes share the agent's connections; at most "
+                "the number of CPU cores is useful",
+            ) if "proxy_workers" in t else base.proxy_workers,
             "log_max_bytes": self.integer(
                 t["log_max_bytes"], (*p, "log_max_bytes"), MIN_LOG_MAX_BYTES, None, zero=True,
                 hint="the request log's size in bytes before it is rotated, e.g. "

@@ -162,6 +162,7 @@ class Daemon:
         self._interruptible = False
         self._wake_r: socket.socket | None = None
         self._attempt = 0  # proxy restarts since the last stable stretch
+        self._down_worker = 0  # the proxy worker a pending restart is for
         self._selftest_attempt = 0
         self._due: dict[str, float] = {}  # action -> monotonic time it is due
         self._healthy_since: float | None = None
@@ -391,14 +392,17 @@ class Daemon:
             if now >= self._due["restart"]:
                 self._restart_proxy()
             return
-        p = self.inst.proxy
         problem = None
-        if not p.alive():
-            problem = f"exited with status {p.proc.returncode}"
-        elif p.state() in ("T", "t"):
-            problem = "stopped (SIGSTOP or a tracer)"
-        elif now - p.last_beat() > HEARTBEAT_TIMEOUT:
-            problem = f"no heartbeat for {now - p.last_beat():.0f} s"
+        # Every proxy worker (proxy_workers), worker 0 first; one restart at a time.
+        for worker, p in enumerate(self.inst.proxies()):
+            if not p.alive():
+                problem = f"exited with status {p.proc.returncode}"
+            elif p.state() in ("T", "t"):
+                problem = "stopped (SIGSTOP or a tracer)"
+            elif now - p.last_beat() > HEARTBEAT_TIMEOUT:
+                problem = f"no heartbeat for {now - p.last_beat():.0f} s"
+            if problem is not None:
+                break
         if problem is None:
             if self._healthy_since and now - self._healthy_since > STABLE_AFTER:
                 self._attempt = 0
@@ -406,6 +410,9 @@ class Daemon:
         delay = backoff(self._attempt)
         self._attempt += 1
         self._healthy_since = None
+        self._down_worker = worker
+        if self.inst.workers:
+            problem = f"worker {worker} {problem}"
         event(logging.ERROR, "proxy-down", pid=p.proc.pid, reason=problem,
               restart_in=f"{delay:.0f}s")
         with contextlib.suppress(ProcessLookupError):
@@ -420,8 +427,9 @@ class Daemon:
     def _restart_proxy(self) -> None:
         del self._due["restart"]
         self.restarts += 1
+        worker = self._down_worker
         try:
-            self.inst.restart_proxy()
+            self.inst.restart_proxy(worker)
         except PanopticonError as e:
             delay = backoff(self._attempt)
             self._attempt += 1
@@ -429,7 +437,7 @@ class Daemon:
             event(logging.ERROR, "proxy-restart-failed", error=str(e), retry_in=f"{delay:.0f}s")
             self._set("proxy", False, f"restart failed ({e}); again in {delay:.0f} s")
             return
-        pid = self.inst.proxy.proc.pid
+        pid = self.inst.proxies()[worker].proc.pid
         event(logging.INFO, "proxy-restarted", pid=pid, restarts=self.restarts)
         self._set("proxy", True, f"pid {pid} (restarted)")
         self._run_selftest_now()
@@ -526,8 +534,9 @@ class Daemon:
         if self.agent_proc is not None:
             with contextlib.suppress(Exception):
                 self.agent_proc.wait(5)
-        if inst is not None and inst.proxy is not None:
-            inst.proxy.stop()
+        if inst is not None:
+            for p in inst.proxies():
+                p.stop()
         _unlink(self.names.veth_host)
         event(logging.CRITICAL, "jail-closed", reason=why, killed=killed,
               hint=f"inspect with `ip netns exec {self.names.netns} iptables-legacy-save`; "

@@ -86,7 +86,9 @@ MAX_ROUTES = 32
 VETH_HOST_PREFIX = "pnh"
 # Listening ports an unprivileged agent may bind in its namespace start here.
 UNPRIVILEGED_PORT_START = 1024
-RESERVED_JAIL_PORTS = frozenset({15001, 15053, *range(BASE_PORT, BASE_PORT + MAX_ROUTES)})
+# 15001-15008: the proxy workers' transparent ports (plan.transparent_ports).
+RESERVED_JAIL_PORTS = frozenset({*range(15001, 15009), 15053,
+                                 *range(BASE_PORT, BASE_PORT + MAX_ROUTES)})
 
 ROUTE_KEYS = ("listen", "to", "tls", "allow_from", "websocket", "block_patterns")
 _ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -287,7 +289,7 @@ def _to(c: Checker, value: Any, path: Path) -> tuple[str, int]:
                "(e.g. 8443); `listen` on the host may still be 443")
     if port in RESERVED_JAIL_PORTS:
         c.fail(path, f"port {port} is used by the proxy inside the jail",
-               hint=f"choose a port outside 15001, 15053 and {BASE_PORT}-"
+               hint=f"choose a port outside 15001-15008, 15053 and {BASE_PORT}-"
                f"{BASE_PORT + MAX_ROUTES - 1}")
     return host, port
 

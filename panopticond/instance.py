@@ -29,6 +29,7 @@ from . import logread, secretsource, tripwatch, trusted, webhook
 from .config import AgentConfig, Config
 from .errors import ExitStatus, PanopticonError
 from .plan import DNS_PORT, TRANSPARENT_PORT, Addressing, Names, choose_addressing
+from .plan import transparent_ports
 from .policy import Policy
 from .proxy import Proxy, ProxySpec
 from .resolvers import host_resolvers
@@ -170,6 +171,7 @@ class Instance:
         self.addressing: Addressing | None = None
         self.ca_info: ca.CAInfo | None = None
         self.proxy: Proxy | None = None
+        self.workers: list[Proxy] = []  # proxy workers 1..N-1 (proxy_workers); 0 is `proxy`
         self.heartbeat = False  # the daemon sets it: the proxy then beats (Proxy.last_beat)
         self.planned_rules: tuple[list[rules.RuleSet], list[rules.RuleSet]] = ([], [])
         self.log_offset = 0
@@ -206,7 +208,7 @@ class Instance:
             blocked = addresses.blocked_networks(fam, allowed, self.never_reach())
             jail.append(rules.jail_rules(
                 fam, proxy_uid=self.proxy_user.uid, transparent_port=TRANSPARENT_PORT,
-                dns_port=DNS_PORT, dns_servers=fam_dns,
+                workers=self.agent.proxy_workers, dns_port=DNS_PORT, dns_servers=fam_dns,
                 inbound=inbound_plan.jail_inbound(published, fam), veth=self.names.veth_jail,
                 blocked_ranges=blocked, tcp_ports=tcp_ports,
             ))
@@ -277,7 +279,7 @@ class Instance:
         if any(s.on_tripwire == "kill" for s in self.agent.secrets):
             self.tripwatch = tripwatch.TripwireWatch(
                 self.log_path, names.instance, names.netns,
-                lambda: {self.proxy.proc.pid} if self.proxy and self.proxy.proc else set())
+                lambda: {p.proc.pid for p in self.proxies() if p.proc})
             self._undo.callback(self.tripwatch.stop)
         # Alerts (and the journal's view of the log's health) from the host side. Its stop
         # is pushed before the proxy's, so that it stops after it and sees the proxy's
@@ -293,6 +295,7 @@ class Instance:
 
             seed_ca(confdir, self.ephemeral_ca.private_key, self.ephemeral_ca.certificate)
         self._undo.callback(ca.remove_ephemeral, names, self.agent.ca)
+        pins_socket = self._prepare_workers(confdir)
         upstream = ca.upstream_bundle(names, self.cfg.network.upstream_ca)
 
         # The namespace has only `lo` until its DROP rules are in.
@@ -314,11 +317,17 @@ class Instance:
             operator_addons=self.agent.addons,
             blocked=tuple(str(n) for n in self.never_reach()),
             secrets_path=secrets_path,
-            fresh_ca=self.agent.ca.mode == "ephemeral" and self.ephemeral_ca is None,
+            fresh_ca=self.agent.ca.mode == "ephemeral" and not os.path.exists(
+                os.path.join(confdir, ca.CA_KEY_AND_CERT)),
+            workers=self.agent.proxy_workers, pins_socket=pins_socket,
             **self._prepare_inbound(),
         ), fork=self.fork_proxy)
         self.proxy.start()
         self._undo.callback(self._stop_proxy)  # whichever proxy runs then (restart_proxy)
+        for i in range(1, self.agent.proxy_workers):
+            self.workers.append(Proxy(dataclasses.replace(self.proxy.spec, worker=i),
+                                      fork=self.fork_proxy))
+            self.workers[-1].start()
         # Both follow the log from its current end: nothing the proxy writes is missed.
         self.monitor.start()
         if self.tripwatch is not None:
@@ -339,6 +348,8 @@ class Instance:
         t = self._step("link", t)
 
         self.proxy.wait_ready(heartbeat=self.heartbeat)
+        for w in self.workers:
+            w.wait_ready(heartbeat=self.heartbeat)
         t = self._step("proxy-ready", t)
         self.ca_info = ca.export(names, confdir)
         self._step("ca", t)
@@ -360,6 +371,20 @@ class Instance:
         self.log_status = logread.status_path(self.names.run_dir)
         os.mkdir(os.path.dirname(self.log_status), 0o750)
         os.chown(os.path.dirname(self.log_status), pu.uid, pu.gid)
+
+    def _prepare_workers(self, confdir: str) -> str:
+        """With several proxy workers: their one CA, made before any starts, and the
+        directory of worker 0's pin socket (pinshare.py), which only the proxy user may
+        enter. Returns the socket's path; "" with one worker (nothing changes)."""
+        if self.agent.proxy_workers == 1:
+            return ""
+        pu = self.proxy_user
+        if ca.create_if_missing(confdir, pu.uid, pu.gid):
+            log.debug("generated the CA for %d proxy workers", self.agent.proxy_workers)
+        d = os.path.join(self.names.run_dir, "pins")
+        os.mkdir(d, 0o700)
+        os.chown(d, pu.uid, pu.gid)
+        return os.path.join(d, "pins.sock")
 
     def _prepare_inbound(self) -> dict:
         """The proxy's inbound listeners and the files they read (see inbound.py)."""
@@ -406,9 +431,13 @@ class Instance:
         _write_private(path, text, self.proxy_user.gid)
         return path
 
+    def proxies(self) -> list[Proxy]:
+        """Every proxy worker that was started, worker 0 first."""
+        return [p for p in (self.proxy, *self.workers) if p is not None]
+
     def _stop_proxy(self) -> None:
-        if self.proxy is not None:
-            self.proxy.stop()
+        for p in self.proxies():
+            p.stop()
 
     def _remove_host_rules_stopping_proxy(self) -> None:
         """The host's rules go while the proxy stops (before, they went first): neither
@@ -427,20 +456,26 @@ class Instance:
             finally:
                 removal.result()
 
-    def restart_proxy(self) -> None:
-        """Replace the proxy (dead, hung or stopped) with a fresh one on the same spec.
+    def restart_proxy(self, worker: int = 0) -> None:
+        """Replace the proxy (dead, hung or stopped) with a fresh one on the same spec;
+        with several, proxy worker `worker`.
 
         The REDIRECT rules stay in place throughout: meanwhile the agent's connections
-        are refused, never let out. Raises PanopticonError if the new one does not come up.
+        (those the REDIRECT gives this worker) are refused, never let out. Raises
+        PanopticonError if the new one does not come up.
         """
-        old = self.proxy
-        assert old is not None, "start() first"
+        assert self.proxy is not None, "start() first"
+        old = self.proxies()[worker]
         if old.proc is not None and old.proc.poll() is None:
             old.proc.kill()  # a stopped or hung proxy would not heed SIGTERM
         old.stop()
-        self.proxy = Proxy(old.spec, fork=old.fork)
-        self.proxy.start()
-        self.proxy.wait_ready(heartbeat=self.heartbeat)
+        new = Proxy(old.spec, fork=old.fork)
+        if worker == 0:
+            self.proxy = new
+        else:
+            self.workers[worker - 1] = new
+        new.start()
+        new.wait_ready(heartbeat=self.heartbeat)
 
     def verify_rules(self) -> list[str]:
         """How the live rules (jail and host side) differ from the plan; empty: they match.
@@ -480,9 +515,10 @@ class Instance:
         The kernel does it (SOCK_DESTROY, `ss -K`) on the proxy's side of each connection
         to its transparent port: the agent gets a reset, the proxy drops the upstream side.
         """
+        ports = " or ".join(f"sport = :{p}" for p in transparent_ports(self.agent.proxy_workers))
         p = subprocess.run(
             ["nsenter", f"--net={netns.netns_path(self.names.netns)}", "ss", "-K", "-t", "-n",
-             "-H", "state", "established", f"( sport = :{TRANSPARENT_PORT} )"],
+             "-H", "state", "established", f"( {ports} )"],
             capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
             raise PanopticonError(f"could not close the agent's connections: {p.stderr.strip()}",
@@ -561,7 +597,7 @@ def proxy_group(name: str) -> int:
 # address, and everything the namespace and the proxy were built with (the secrets: the
 # agent's environment holds their placeholders).
 RESTART_ONLY_AGENT_KEYS = ("command", "user", "ca", "health", "addons", "secrets", "dlp",
-                           "dlp_patterns")
+                           "dlp_patterns", "proxy_workers")
 
 
 def restart_only_changes(old_cfg: Config, old: AgentConfig, new_cfg: Config,

@@ -62,6 +62,27 @@ class PinTable:
         while len(self._expiry) > self.max_entries:
             self._drop(next(iter(self._expiry)))
 
+    def add_exact(self, name: str, address: str, seconds: float) -> None:
+        """Pin one address for exactly `seconds` (at most `max_ttl`), not raised to
+        `min_ttl`: a copy of another table's pin (pinshare.py) keeps that pin's expiry."""
+        self.add(name, [address], 0)
+        key = (name, canonical_ip(address))
+        self._expiry[key] = self.clock() + min(max(seconds, 0.0), self.max_ttl)
+
+    def about(self, name: str | None = None, address: str | None = None,
+              limit: int = 256) -> list[tuple[str, str, float]]:
+        """The live pins of `name` and those of `address`, as (name, address, seconds
+        left), at most `limit` of them."""
+        keys = [(name, a) for a in self.addresses(name)] if name else []
+        if address:
+            try:
+                a = canonical_ip(address)
+            except ValueError:
+                a = ""
+            keys += [(n, a) for n in self.names_for(a) if n != name] if a else []
+        now = self.clock()
+        return [(n, a, self._expiry[(n, a)] - now) for n, a in keys[:limit]]
+
     def addresses(self, name: str) -> list[str]:
         """The live addresses pinned to `name`, oldest pin first."""
         return [a for a in list(self._by_name.get(name, ())) if self._live((name, a))]

@@ -21,6 +21,16 @@ INSTANCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 # Inside the instance namespace, so fixed values never collide between instances.
 TRANSPARENT_PORT = 15001
 DNS_PORT = 15053
+# Proxy worker i (config `proxy_workers`) listens on TRANSPARENT_PORT + i; worker 0 alone
+# answers DNS. At most config.MAX_PROXY_WORKERS, well below DNS_PORT.
+MAX_WORKER_PORTS = 8
+
+
+def transparent_ports(workers: int) -> tuple[int, ...]:
+    """The transparent ports of `workers` proxy workers, worker 0's first."""
+    if not 1 <= workers <= MAX_WORKER_PORTS:
+        raise ValueError(f"1 to {MAX_WORKER_PORTS} proxy workers, not {workers}")
+    return tuple(TRANSPARENT_PORT + i for i in range(workers))
 
 # Sizes carved from the pools: a /29 leaves room for the two ends and later helpers.
 V4_PREFIX = 29

@@ -48,15 +48,25 @@ class ProxySpec:
     # The confdir holds no CA yet and gets an ephemeral one: a prestarted proxy makes it
     # while it waits (see `prestarted`), not after it was told to go.
     fresh_ca: bool = False
+    # With `proxy_workers` > 1: which one this is (worker i listens on TRANSPARENT_PORT
+    # + i; worker 0 alone answers DNS and serves the inbound routes), and the socket on
+    # which worker 0 shares its DNS pins (pinshare.py).
+    worker: int = 0
+    workers: int = 1
+    pins_socket: str = ""
+
+    @property
+    def suffix(self) -> str:
+        """Of this worker's files in the runtime directory: "" for worker 0, else "-i"."""
+        return f"-{self.worker}" if self.worker else ""
 
     def options(self) -> dict:
         """Everything handed to the proxy, as data (also shown by `check --plan`)."""
-        modes = [
-            f"transparent@127.0.0.1:{TRANSPARENT_PORT}",
-            f"dns@127.0.0.1:{DNS_PORT}",
-        ]
+        port = TRANSPARENT_PORT + self.worker
+        dns = self.worker == 0
+        modes = [f"transparent@127.0.0.1:{port}", *([f"dns@127.0.0.1:{DNS_PORT}"] if dns else [])]
         if self.ipv6:
-            modes += [f"transparent@::1:{TRANSPARENT_PORT}", f"dns@::1:{DNS_PORT}"]
+            modes += [f"transparent@::1:{port}", *([f"dns@::1:{DNS_PORT}"] if dns else [])]
         mitm = {
             "mode": modes,
             "confdir": self.confdir,
@@ -74,7 +84,7 @@ class ProxySpec:
         }
         if self.upstream_ca:
             mitm["ssl_verify_upstream_trusted_ca"] = self.upstream_ca
-        if self.inbound_modes:
+        if self.inbound_modes and self.worker == 0:
             modes += list(self.inbound_modes)
             # Inbound clients may have public addresses; the routes' allow_from decides.
             mitm["block_global"] = False
@@ -91,6 +101,8 @@ class ProxySpec:
                 **({"panopticon_inbound": self.inbound_path} if self.inbound_path else {}),
                 "panopticon_blocked": list(self.blocked),
                 **({"panopticon_secrets": self.secrets_path} if self.secrets_path else {}),
+                **({"panopticon_worker": self.worker, "panopticon_pins_socket": self.pins_socket}
+                   if self.workers > 1 else {}),
             },
         }
 
@@ -244,7 +256,7 @@ def prestarted(argv: list[str]) -> None:  # pragma: no cover - the prestarted ch
 
     def write_ca() -> None:
         confdir = go["fresh_ca"]
-        if confdir:
+        if confdir and not os.path.exists(os.path.join(confdir, ca.CA_KEY_AND_CERT)):
             ca.write_ephemeral(confdir, fresh)
             proxy_main.seed_ca(confdir, fresh.private_key, fresh.certificate)
 
@@ -306,12 +318,12 @@ class Proxy:
         self.proc: subprocess.Popen | ForkedProcess | None = None
         self._ready_r = -1
         self._beat_at = 0.0
-        self.stderr_path = os.path.join(spec.names.run_dir, "proxy.log")
+        self.stderr_path = os.path.join(spec.names.run_dir, f"proxy{spec.suffix}.log")
 
     def start(self) -> None:
         """Launch; returns at once (start-up takes ~0.7 s: overlap it with other work)."""
         names = self.spec.names
-        opts_path = os.path.join(names.run_dir, "proxy.json")
+        opts_path = os.path.join(names.run_dir, f"proxy{self.spec.suffix}.json")
         fd = os.open(opts_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "w") as f:
             json.dump(self.spec.options(), f, indent=1)

@@ -91,6 +91,17 @@ def _to_destination(value: str) -> None:
         raise ValueError(f"write the address canonically: {value!r}")
 
 
+def _nth_mode(value: str) -> None:
+    # Only nth: "random" would spread connections unevenly, and other modes are unused.
+    if value != "nth":
+        raise ValueError(f"only --mode nth is used, not {value!r}")
+
+
+def _every(value: str) -> None:
+    if not _NUMBER.match(value) or not 2 <= int(value) < 2**31:
+        raise ValueError(f"--every is a count of at least 2: {value!r}")
+
+
 def _ctstate(value: str) -> None:
     states = value.split(",")
     unknown = [s for s in states if s not in CTSTATES]
@@ -107,6 +118,7 @@ MATCHES: dict[str, dict[str, Any]] = {
     "icmp": {"icmp-type": _icmp_type},
     "icmp6": {"icmpv6-type": _icmp_type},
     "addrtype": {"dst-type": _addrtype},
+    "statistic": {"mode": _nth_mode, "every": _every, "packet": _number},
 }
 
 # A protocol match is only valid on a rule of that protocol.
@@ -310,6 +322,8 @@ class Rule:
                 except ValueError as e:
                     raise RuleError(f"match {name} --{key}: {e}") from None
                 canon.append((key, canonical_match_value(name, key, value)))
+            if name == "statistic":
+                _check_nth(dict(canon))
             matches.append((name, tuple(canon)))
         fix("matches", tuple(matches))
 
@@ -367,6 +381,18 @@ class Rule:
 
     def addresses(self) -> list[str]:
         return [a for a in (self.src, self.dst) if a is not None]
+
+
+def _check_nth(params: dict[str, str]) -> None:
+    """`--mode nth --every N --packet P`, all three, P < N, none negated: the kernel
+    would take a missing one as 0 and the rule would match never or always."""
+    if set(params) != {"mode", "every", "packet"} or any(v.startswith("!") for v in
+                                                         params.values()):
+        raise RuleError(f"match statistic needs mode nth, every and packet, not negated: "
+                        f"{params!r}")
+    if int(params["packet"]) >= int(params["every"]):
+        raise RuleError(f"match statistic: --packet {params['packet']} must be below "
+                        f"--every {params['every']}")
 
 
 def _check_user_chain(name: str) -> None:
@@ -602,6 +628,7 @@ def jail_rules(
     inbound: Sequence[tuple[int, Sequence[str]]] = (),
     veth: str | None = None,
     tcp_ports: Sequence[int] = (),
+    workers: int = 1,
 ) -> RuleSet:
     """The rules inside the instance namespace, owning its filter and nat tables.
 
@@ -616,16 +643,23 @@ def jail_rules(
     `inbound` lists the proxy's inbound listeners as (port, source networks): reachable
     only through the veth `veth`, only from those sources, and never from inside the
     jail (see inbound.py). Sources of the other family are ignored.
+
+    `workers` proxies listen on `transparent_port`, `transparent_port + 1`, ...: each
+    redirected TCP port gets one REDIRECT per worker, and new connections are spread
+    over them in turn (`statistic --mode nth`, see `spread`). The nat table sees only a
+    connection's first packet, so a connection stays on the worker it was given.
     """
     if family not in (4, 6):
         raise RuleError(f"family is 4 or 6, not {family!r}")
     if not isinstance(proxy_uid, int) or isinstance(proxy_uid, bool) or proxy_uid < 0:
         raise RuleError(f"proxy_uid must be a uid, not {proxy_uid!r}")
     uid: Match = ("owner", (("uid-owner", str(proxy_uid)),))
-    t = _check_port(transparent_port, "transparent_port")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise RuleError(f"workers must be a count of at least 1, not {workers!r}")
+    ts = [_check_port(transparent_port + i, "transparent_port") for i in range(workers)]
     d = _check_port(dns_port, "dns_port")
-    if t == d:
-        raise RuleError("transparent_port and dns_port must differ")
+    if d in ts:
+        raise RuleError("the transparent ports and dns_port must differ")
     servers = _family_addresses(family, dns_servers, "dns_servers")
     blocked = _blocked(family, blocked_ranges)
     reject = _reject(family)
@@ -633,13 +667,16 @@ def jail_rules(
         raise RuleError("inbound listeners need the jail's veth")
     published = [(_check_port(port, "inbound port"), _family_networks(family, sources))
                  for port, sources in inbound]
-    if {t, d} & {p for p, _ in published}:
+    if {*ts, d} & {p for p, _ in published}:
         raise RuleError("an inbound port collides with the transparent or DNS port")
     extra = _tcp_ports(tcp_ports)
 
-    def redirect(proto: str, port: int, to: str) -> Rule:
-        return Rule("nat", "OUTPUT", "REDIRECT", protocol=proto, matches=(_dport(proto, port),),
-                    target_args=(("to-ports", to),))  # fmt: skip
+    def redirect(proto: str, port: int, to: str, *more: Match) -> Rule:
+        return Rule("nat", "OUTPUT", "REDIRECT", protocol=proto,
+                    matches=(_dport(proto, port), *more), target_args=(("to-ports", to),))
+
+    def to_workers(port: int) -> list[Rule]:
+        return [redirect("tcp", port, to, *nth) for to, nth in zip(ts, spread(workers))]
 
     def out(target: str, *matches: Match, **fields: Any) -> Rule:
         return Rule("filter", "OUTPUT", target, matches=matches, **fields)
@@ -650,9 +687,9 @@ def jail_rules(
         redirect("udp", 53, d),
         redirect("tcp", 53, d),
         Rule("nat", "OUTPUT", "RETURN", out_iface="lo"),
-        redirect("tcp", 80, t),
-        redirect("tcp", 443, t),
-        *[redirect("tcp", port, t) for port in extra],
+        *to_workers(80),
+        *to_workers(443),
+        *[r for port in extra for r in to_workers(port)],
     ]
     f_in = [
         Rule("filter", "INPUT", "ACCEPT", in_iface="lo"),
@@ -669,7 +706,8 @@ def jail_rules(
     # client's ephemeral port) is never refused.
     no_listeners = [
         out("REJECT", _dport(proto, port), who, protocol=proto, out_iface="lo", target_args=how)
-        for proto, port, how in (("tcp", t, _RESET), ("udp", d, reject), ("tcp", d, _RESET))
+        for proto, port, how in (*[("tcp", p, _RESET) for p in ts], ("udp", d, reject),
+                                 ("tcp", d, _RESET))
         for who in (_ct("!DNAT"), uid)
     ] + [
         # The inbound listeners serve the veth only: the agent would otherwise reach
@@ -698,6 +736,19 @@ def jail_rules(
         policies={("filter", c): "DROP" for c in BUILTIN_CHAINS["filter"]},
         rules=tuple(nat + f_in + f_out),
     )
+
+
+def spread(workers: int) -> list[tuple[Match, ...]]:
+    """The extra matches of each worker's REDIRECT, in rule order, so that new
+    connections go to the workers in turn.
+
+    Each nth match keeps its own counter and sees only what the rules before it let
+    through: rule i of N sees N - i of every N connections and takes one of them
+    (`--every N-i --packet 0`), and the last takes whatever is left (no match at all,
+    so that no connection can fall through the REDIRECTs and go unproxied).
+    """
+    return [(("statistic", (("mode", "nth"), ("every", str(workers - i)), ("packet", "0"))),)
+            for i in range(workers - 1)] + [()]
 
 
 def host_chains(tag: str) -> dict[str, tuple[str, str]]:

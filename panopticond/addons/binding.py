@@ -30,6 +30,10 @@ Also here: requests that carry DNS over HTTPS (`application/dns-message` or `-js
 `GET ?dns=`) are refused unless the name is allowed by an exact rule (threat 16), and
 floods of high-entropy DNS labels are logged (dnsflood.py).
 
+With several proxy workers (`proxy_workers`), only worker 0 sees the jail's DNS answers:
+the others copy its pins on a miss (pinshare.py; options `panopticon_worker` and
+`panopticon_pins_socket`), and worker 0 answers them.
+
 Every hook fails closed: an exception denies the request, answers the query SERVFAIL,
 keeps the HTTP layer, or refuses the connection.
 """
@@ -50,6 +54,7 @@ from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from panopticond import pinshare
 from panopticond.addons import flowlog, policyfile, verdict
 from panopticond.addresses import AddressGuard, Network
 from panopticond.destinations import decide_passthrough, decide_port
@@ -61,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 BY = "binding"
 BLOCKED_OPTION = "panopticon_blocked"
+PINS_SOCKET_OPTION = "panopticon_pins_socket"
+WORKER_OPTION = flowlog.WORKER_OPTION
 INTERNAL_ERROR = "internal error in the proxy"
 RESOLVE_TIMEOUT = 10.0
 ECH_EXTENSION = 0xFE0D  # encrypted_client_hello: the real server name is hidden in it
@@ -101,6 +108,8 @@ class Binding:
         self.bound: dict[str, set[tuple[str, int]]] = {}
         self._resolver = None
         self._guard: tuple[tuple, AddressGuard] | None = None
+        self.peer: pinshare.Peer | None = None  # worker 0, asked on a miss (workers > 0)
+        self._pin_server: asyncio.AbstractServer | None = None
 
     # -- options
 
@@ -111,6 +120,7 @@ class Binding:
             "Networks the proxy never connects to, whatever the policy allows: the host's "
             "own addresses and the instance pools (CIDR). Added to the built-in ranges.",
         )
+        add_worker_options(loader)
 
     def configure(self, updated):
         if BLOCKED_OPTION in updated:
@@ -123,10 +133,23 @@ class Binding:
             self._resolver = None
         if policyfile.OPTION in updated:
             self.policy.load(ctx.options.panopticon_policy)
+        if PINS_SOCKET_OPTION in updated or WORKER_OPTION in updated:
+            path = ctx.options.panopticon_pins_socket
+            self.peer = pinshare.Peer(path) if path and ctx.options.panopticon_worker > 0 \
+                else None
 
-    def running(self):
+    async def running(self):
         if not self.policy.configured:
             self.policy.load(ctx.options.panopticon_policy)
+        path = ctx.options.panopticon_pins_socket
+        if path and ctx.options.panopticon_worker == 0 and self._pin_server is None:
+            # Before readiness is reported (a later addon): no worker asks in vain.
+            self._pin_server = await pinshare.serve(path, self.pins)
+
+    def done(self):
+        if self._pin_server is not None:
+            self._pin_server.close()
+            self._pin_server = None
 
     def client_disconnected(self, client):
         self.bound.pop(client.id, None)
@@ -277,6 +300,8 @@ class Binding:
                 return None, f"{h} is not the address this connection goes to", 421
             why = guard.refusal(ip0)
             return (None, why, 403) if why else ((ip0, port), "", 0)
+        if not self.pins.has(h, ip0):
+            await pinshare.share(self.peer, self.pins, h, ip0)  # the other workers' miss
         if self.pins.has(h, ip0) and guard.refusal(ip0) is None:
             return (ip0, port), "", 0
         # Another address of the name, of the agent's address family if it has one.
@@ -388,12 +413,17 @@ class Binding:
     async def _port_relay(self, nextlayer, policy, ip0: str, port: int) -> None:
         # The names the jail's DNS returned this address for, then the address itself
         # (a port rule may name an IP literal).
-        allowed = None
-        for name in [*self.pins.names_for(ip0), ip0] if policy is not None else ():
-            d = decide_port(policy, name, port)
-            if d.allowed:
-                allowed = (name, d)
-                break
+        def allowing() -> tuple[str, Decision] | None:
+            for name in [*self.pins.names_for(ip0), ip0] if policy is not None else ():
+                d = decide_port(policy, name, port)
+                if d.allowed:
+                    return name, d
+            return None
+
+        allowed = allowing()
+        if allowed is None and self.peer is not None:
+            await pinshare.share(self.peer, self.pins, None, ip0)
+            allowed = allowing()
         if allowed is None:
             return self._refuse(nextlayer, None, f"no rule allows TCP port {port} to {ip0}: "
                                 "only to addresses the jail's DNS returned for a host of a "
@@ -489,6 +519,16 @@ class Binding:
         if address not in self.bound.get(data.client.id, ()):
             return "no allowed name was bound to this address"
         return self.guard().refusal(address[0])
+
+
+def add_worker_options(loader) -> None:
+    """Declare `panopticon_worker` (FlowLog's) and `panopticon_pins_socket`."""
+    flowlog.add_worker_option(loader)
+    loader.add_option(
+        PINS_SOCKET_OPTION, str, "",
+        "Unix socket on which worker 0 shares its DNS pins with the other workers; "
+        "empty: one worker.",
+    )
 
 
 def _set_layer(nextlayer: proxy_layer.NextLayer, make: Callable) -> None:

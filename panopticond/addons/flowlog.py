@@ -44,6 +44,7 @@ LOGGED = "panopticon_logged"
 EXTRA = "panopticon_log_extra"
 MAX_PATH = 2048
 UNAVAILABLE = "the request log is unavailable"
+WORKER_OPTION = "panopticon_worker"
 RESERVE_BYTES = 256 * 1024  # kept free for the records of the requests we refuse
 CORE_FIELDS = frozenset((
     "schema", "time", "kind", "instance", "client", "host", "decision", "reason", "rule",
@@ -72,6 +73,15 @@ def annotate(flow, **fields: Any) -> None:
     extra.update({k: v for k, v in fields.items() if k not in CORE_FIELDS})
 
 
+def add_worker_option(loader) -> None:
+    """Declare `panopticon_worker` (Binding reads it too; mitmproxy takes a second
+    declaration with the same signature silently)."""
+    loader.add_option(
+        WORKER_OPTION, int, -1,
+        "Which of the proxy workers this is (0 answers DNS); -1: the only one.",
+    )
+
+
 class FlowLog:
     name = "panopticon_flowlog"
 
@@ -89,6 +99,7 @@ class FlowLog:
         # The instance option, read at the first record after each change (an option
         # lookup deep-copies its value: per record it was a tenth of the record's cost).
         self._instance_name: str | None = None
+        self.worker: int | None = None  # with several proxy workers, this one's number
 
     def load(self, loader):
         loader.add_option(
@@ -111,6 +122,7 @@ class FlowLog:
             "panopticon_log_status", str, "",
             "Where to write the request log's state (JSON) when it changes; empty for none.",
         )
+        add_worker_option(loader)
 
     def configure(self, updated):
         global _active
@@ -121,6 +133,10 @@ class FlowLog:
             raise exceptions.OptionsError(f"panopticon_log_keep must be >= 1, got {keep}")
         if "panopticon_instance" in updated:
             self._instance_name = None
+        if WORKER_OPTION in updated:
+            # Every record then says which worker wrote it: several append to one log.
+            worker = ctx.options.panopticon_worker
+            self.worker = worker if worker >= 0 else None
         if "panopticon_log_status" in updated:
             self.status_path = ctx.options.panopticon_log_status
             self._reported = None
@@ -240,6 +256,7 @@ class FlowLog:
                 "rule": None,
                 "error": conn.error,
                 "duration_ms": None,
+                **({} if self.worker is None else {"worker": self.worker}),
             })
         except Exception:
             logger.exception("panopticon: could not build a log line")
@@ -324,6 +341,8 @@ class FlowLog:
         if isinstance(extra, dict):
             for k, val in extra.items():
                 common.setdefault(k, val)
+        if self.worker is not None:
+            common["worker"] = self.worker
         return common
 
     def write_record(self, record: Mapping[str, Any]) -> bool:
@@ -339,6 +358,8 @@ class FlowLog:
                 "instance": self._instance(),
             }
             rec.update(record)
+            if self.worker is not None:
+                rec["worker"] = self.worker
             line = self._dumps(rec)
         except Exception:
             logger.exception("panopticon: could not build a log line")

@@ -509,3 +509,21 @@ def test_the_fast_read_back_reads_what_python_iptables_reads(make_ns, family):
         assert p.returncode == 0, p.stderr
         out = json.loads(p.stdout)
         assert out["rules"] > least and out["differ"] == [], out
+
+
+def test_worker_spread_is_applied_read_back_and_checked(make_ns):
+    ns = make_ns("w")
+    planned = [rules.jail_rules(f, proxy_uid=PROXY_UID, transparent_port=T, dns_port=D,
+                                dns_servers=DNS, workers=3) for f in (4, 6)]
+    firewall.apply(planned, ns)
+    assert firewall.verify(planned, ns) == []
+    saved = in_ns(ns, SAVE[4]).stdout
+    assert (f"-A OUTPUT -p tcp -m tcp --dport 443 -m statistic --mode nth --every 3 "
+            f"--packet 0 -j REDIRECT --to-ports {T}") in saved
+    assert f"-A OUTPUT -p tcp -m tcp --dport 443 -j REDIRECT --to-ports {T + 2}" in saved
+    # A spread changed behind our back is drift.
+    in_ns(ns, LEGACY[4], "-t", "nat", "-R", "OUTPUT", "5", "-p", "tcp", "--dport", "80", "-m",
+          "statistic", "--mode", "nth", "--every", "2", "--packet", "0", "-j", "REDIRECT",
+          "--to-ports", str(T))
+    diffs = firewall.verify(planned, ns)
+    assert diffs and all("IPv4 nat OUTPUT" in d for d in diffs), diffs

@@ -422,3 +422,90 @@ def test_http_connections_are_not_touched(env):
     nl.layer = sentinel
     decide(b, nl)
     assert nl.layer is sentinel
+
+
+# -- proxy workers: worker 0's pins, asked over its socket (pinshare.py) ---------------
+
+@pytest.fixture
+def worker1(tmp_path, env):
+    """Binding as worker 1: `zero` is worker 0's pin table, served on a real socket."""
+    from panopticond.pins import PinTable
+
+    b, resolver = env
+    sock = str(tmp_path / "pins.sock")
+    ctx.options.update(panopticon_worker=1, panopticon_pins_socket=sock)
+    return b, resolver, PinTable(), sock
+
+
+def with_worker0(zero, sock, coro_fn):
+    from panopticond import pinshare
+
+    async def main():
+        server = await pinshare.serve(sock, zero)
+        try:
+            return await coro_fn()
+        finally:
+            server.close()
+
+    return asyncio.run(main())
+
+
+def test_worker_1_keeps_an_address_only_worker_0s_dns_gave(worker1):
+    b, resolver, zero, sock = worker1
+    assert b.peer is not None
+    zero.add("www.allowed.example", [WWW[0]], 60)  # the jail's DNS answered on worker 0
+    f = allowed("www.allowed.example", WWW[0])
+    with_worker0(zero, sock, lambda: b.requestheaders(f))
+    assert f.response is None and f.server_conn.address == (WWW[0], 80)
+    assert "agent_address" not in f.metadata[EXTRA] and resolver.asked == []
+    assert b.pins.has("www.allowed.example", WWW[0])  # copied: not asked again
+
+
+def test_worker_1_never_dials_an_address_nobody_pinned(worker1):
+    b, resolver, zero, sock = worker1
+    zero.add("www.allowed.example", [WWW[0]], 60)
+    f = allowed("www.allowed.example", DENIED)
+    with_worker0(zero, sock, lambda: b.requestheaders(f))
+    assert f.server_conn.address == (WWW[0], 80)
+    assert f.metadata[EXTRA]["agent_address"] == DENIED and resolver.asked == []
+    assert connect(b, f.client_conn, (DENIED, 80))
+
+
+def test_worker_1_without_worker_0_fails_closed(worker1, caplog):
+    b, resolver, zero, sock = worker1
+    f = bind(b, allowed("www.allowed.example", DENIED))  # worker 0 is not there
+    assert "treating it as a miss" in caplog.text
+    # As one proxy does on a miss: the name's own address, resolved by the proxy.
+    assert f.server_conn.address == (WWW[0], 80) and resolver.asked
+    assert connect(b, f.client_conn, (DENIED, 80))
+
+
+def test_worker_1_relays_a_port_rule_to_an_address_worker_0_pinned(worker1):
+    b, _, zero, sock = worker1
+    nl = next_layer(("198.51.100.60", 22), b"SSH-2.0-probe\r\n")
+    with_worker0(zero, sock, lambda: b.next_layer(nl))
+    assert isinstance(nl.layer, layers.HttpLayer)  # not pinned anywhere: refused
+    zero.add("git.example", ["198.51.100.60"], 60)
+    nl = next_layer(("198.51.100.60", 22), b"SSH-2.0-probe\r\n")
+    with_worker0(zero, sock, lambda: b.next_layer(nl))
+    assert isinstance(nl.layer, layers.TCPLayer)
+    assert b.approvals.relay(nl.context.client)["rule"] == "git.example port 22"
+
+
+def test_worker_0_serves_its_pins_from_running(tmp_path, env):
+    from panopticond import pinshare
+
+    b, _ = env
+    sock = str(tmp_path / "pins.sock")
+    ctx.options.update(panopticon_worker=0, panopticon_pins_socket=sock)
+    assert b.peer is None
+    resolved(b, "www.allowed.example", [WWW[0]])
+
+    async def main():
+        await b.running()
+        try:
+            return await pinshare.Peer(sock).ask("www.allowed.example", None)
+        finally:
+            b.done()
+
+    assert [(n, a) for n, a, _ in asyncio.run(main())] == [("www.allowed.example", WWW[0])]

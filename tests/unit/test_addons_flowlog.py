@@ -367,3 +367,16 @@ def test_a_changed_instance_name_reaches_the_next_record(log_path):
         tctx.options.update(panopticon_instance="two")
         fl.response(http_flow())
     assert [r["instance"] for r in lines(log_path)] == ["one", "two"]
+
+
+def test_with_several_workers_every_record_says_which(flowlog, log_path):
+    from mitmproxy import ctx
+
+    flowlog.response(http_flow())  # one proxy: no such field
+    ctx.options.update(panopticon_worker=1)
+    flowlog.response(http_flow())
+    flowlog.write_record({"kind": "tripwire", "secret": "X"})
+    ctx.options.update(panopticon_worker=-1)
+    flowlog.response(http_flow())
+    assert [r.get("worker") for r in lines(log_path)] == [None, 1, 1, None]
+    assert "worker" not in lines(log_path)[0]

@@ -190,6 +190,34 @@ def test_prepare_hands_the_confdir_to_the_proxy_user(names, custom):
         assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
 
 
+def test_create_if_missing_makes_one_ca_mitmproxy_loads_and_keeps_it(names):
+    certs = pytest.importorskip("mitmproxy.certs")
+    confdir = prepare(names, CASpec(mode="ephemeral"), *ME)
+    assert ca.create_if_missing(confdir, *ME)
+    key_file = os.path.join(confdir, ca.CA_KEY_AND_CERT)
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    before = open(key_file, "rb").read()
+    # A second call (a restart, another worker) never replaces it.
+    assert not ca.create_if_missing(confdir, *ME)
+    assert open(key_file, "rb").read() == before
+    store = certs.CertStore.from_store(confdir, "mitmproxy", 2048)  # loads, creates nothing
+    assert open(key_file, "rb").read() == before
+    info = export(names, confdir)
+    assert info.fingerprint.replace(":", "").lower() == store.default_ca.fingerprint().hex()
+    assert not [f for f in os.listdir(confdir) if f.endswith(".tmp")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the CA to another user needs root")
+def test_create_if_missing_gives_every_file_to_the_proxy_user(names):
+    nobody = pwd.getpwnam("nobody")
+    confdir = prepare(names, CASpec(mode="ephemeral"), nobody.pw_uid, nobody.pw_gid)
+    ca.create_if_missing(confdir, nobody.pw_uid, nobody.pw_gid)
+    for f in os.listdir(confdir):
+        st = os.lstat(os.path.join(confdir, f))
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+            nobody.pw_uid, nobody.pw_gid, 0o600), f
+
+
 # --- custom CA validation ---------------------------------------------------------------------
 
 

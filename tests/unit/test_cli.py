@@ -212,7 +212,7 @@ def test_check_json(capsys, good):
         "deny": ["bad.example.com", "*.internal.example.com"],
         "ca": "persistent",
         "rules": [], "headers": {}, "addons": [], "mode": "enforce",
-        "secrets": [], "dlp": "block", "inbound": {},
+        "secrets": [], "dlp": "block", "inbound": {}, "proxy_workers": 1,
     }
     assert doc["agents"]["idle"]["command"] == []
     assert doc["agents"]["idle"]["user"] is None

@@ -431,7 +431,7 @@ _ca = st.one_of(
     st.builds(lambda a, b: {"cert": f"/etc/{a}.crt", "key": f"/etc/{b}.key"}, _label, _label),
 )
 _log_settings = {"log_max_bytes": st.sampled_from([0, 1024, 10**12]),
-                 "log_keep": st.integers(1, 1000)}
+                 "log_keep": st.integers(1, 1000), "proxy_workers": st.integers(1, 8)}
 _section = st.fixed_dictionaries({}, optional={"allow": _hosts, "deny": _hosts, "user": _user,
                                                "ca": _ca, **_log_settings})
 _agent = st.fixed_dictionaries({}, optional={
@@ -514,6 +514,7 @@ def expected(raw) -> dict:
                 "ca": ca(d.get("ca", "persistent")),
                 "log_max_bytes": d.get("log_max_bytes", 64 * 1024 * 1024),
                 "log_keep": d.get("log_keep", 7),
+                "proxy_workers": d.get("proxy_workers", 1),
                 "rules": [], "headers": [], "addons": [], "mode": "enforce", "inbound": {},
                 "secrets": {}, "dlp": "block", "dlp_patterns": {},
                 "allow_cidrs": [], "passthrough": [], "ports": [], "health": None}
@@ -526,6 +527,7 @@ def expected(raw) -> dict:
             "ca": ca(a["ca"]) if "ca" in a else defaults["ca"],
             "log_max_bytes": a.get("log_max_bytes", defaults["log_max_bytes"]),
             "log_keep": a.get("log_keep", defaults["log_keep"]),
+            "proxy_workers": a.get("proxy_workers", defaults["proxy_workers"]),
             "rules": [], "headers": [], "addons": [], "mode": "enforce", "inbound": {},
             "secrets": {}, "dlp": "block", "dlp_patterns": {},
             "allow_cidrs": [], "passthrough": [], "ports": [], "health": None,
@@ -690,3 +692,20 @@ def test_a_long_value_in_the_wrong_place_is_not_repeated_in_the_error():
     msg = str(e.value)
     assert "/etc/panopticon/config.toml:2" in msg and "log_keep" in msg
     assert "0123456789abcdefghijklmnop" not in msg and f"{len(value)} characters" in msg
+
+
+def test_proxy_workers_default_one_replaced_per_agent():
+    cfg = loads('[defaults]\nproxy_workers = 2\n[agents.a]\ncommand = ["x"]\n'
+                '[agents.b]\ncommand = ["x"]\nproxy_workers = 1\n', F)
+    assert cfg.defaults.proxy_workers == 2
+    assert cfg.agents["a"].proxy_workers == 2 and cfg.agents["b"].proxy_workers == 1
+    assert loads('[agents.c]\ncommand = ["x"]\n', F).agents["c"].proxy_workers == 1
+
+
+@pytest.mark.parametrize("value", ["0", "9", "-1", "true", '"2"', "1.5"])
+def test_proxy_workers_out_of_range_or_not_an_integer_is_located(value):
+    text = f'[agents.a]\ncommand = ["x"]\n\nproxy_workers = {value}\n'
+    with pytest.raises(ConfigError) as e:
+        loads(text, "/etc/panopticon/config.toml")
+    assert e.value.key == "agents.a.proxy_workers"
+    assert "/etc/panopticon/config.toml:4" in str(e.value)

@@ -67,3 +67,21 @@ def test_bounds_are_checked():
     with pytest.raises(ValueError):
         canonical_ip("a.example")
     assert canonical_ip("fe80::1%eth0") == "fe80::1"
+
+
+def test_about_and_add_exact():
+    t, clock = table(min_ttl=300, max_ttl=600)
+    t.add("a.example", ["198.51.100.1", "198.51.100.2"], 0)
+    t.add("b.example", ["198.51.100.1"], 0)
+    assert t.about("a.example", "198.51.100.1") == [
+        ("a.example", "198.51.100.1", 300), ("a.example", "198.51.100.2", 300),
+        ("b.example", "198.51.100.1", 300)]
+    assert t.about(None, "bogus") == [] and t.about("a.example", limit=1) == [
+        ("a.example", "198.51.100.1", 300)]
+    copy, clock2 = table(min_ttl=300, max_ttl=600)
+    copy.add_exact("a.example", "198.51.100.1", 10)  # below min_ttl: kept as given
+    copy.add_exact("a.example", "198.51.100.2", 10_000)  # above max_ttl: capped
+    assert copy.about("a.example") == [("a.example", "198.51.100.1", 10),
+                                       ("a.example", "198.51.100.2", 600)]
+    clock2.now += 11
+    assert copy.addresses("a.example") == ["198.51.100.2"]

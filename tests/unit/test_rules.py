@@ -490,3 +490,87 @@ def test_an_operator_network_is_cut_out_of_the_blocked_ranges_at_both_ends():
         text = "\n".join(lines(rs, "filter", chain))
         assert "-d 10.99.0.0/24" not in text and "-d 10.99.1.0/24" in text
         assert "-d 203.0.113.2/32" in text and "-d 10.0.0.0/8" not in text
+
+
+# -- proxy workers (proxy_workers): one REDIRECT per worker, spread per connection -------
+
+def _nth(every: int) -> str:
+    return f"-m statistic --every {every} --mode nth --packet 0"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_one_worker_is_the_plan_of_old(family):
+    assert jail(family, workers=1).describe() == jail(family).describe()
+    assert "statistic" not in "\n".join(jail(family).describe())
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_each_redirected_port_goes_to_every_worker_in_turn(family):
+    rs = jail(family, workers=3, tcp_ports=[22])
+    nat = lines(rs, "nat", "OUTPUT")
+    for port in (80, 443, 22):
+        assert [line for line in nat if f"--dport {port} " in line] == [
+            f"-A OUTPUT -p tcp -m tcp --dport {port} {_nth(3)} -j REDIRECT --to-ports {T}",
+            f"-A OUTPUT -p tcp -m tcp --dport {port} {_nth(2)} -j REDIRECT --to-ports {T + 1}",
+            # The last takes the rest unconditionally: nothing falls through unproxied.
+            f"-A OUTPUT -p tcp -m tcp --dport {port} -j REDIRECT --to-ports {T + 2}",
+        ]
+    # DNS goes to the one DNS listener; the uid and loopback exemptions are unchanged.
+    assert nat[:4] == lines(jail(family), "nat", "OUTPUT")[:4]
+
+
+@pytest.mark.parametrize("workers", range(1, 9))
+def test_the_spread_is_even_for_any_count(workers):
+    # The kernel's nth match: a counter per rule, over the packets that reach the rule.
+    counters = [0] * workers
+    got = [0] * workers
+    for _ in range(workers * 100):
+        for i, extra in enumerate(rules.spread(workers)):
+            if not extra:
+                got[i] += 1
+                break
+            params = dict(extra[0][1])
+            every, packet = int(params["every"]), int(params["packet"])
+            hit = counters[i] % every == packet
+            counters[i] += 1
+            if hit:
+                got[i] += 1
+                break
+    assert got == [100] * workers
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_every_worker_port_is_closed_to_direct_and_proxy_user_connections(family):
+    rs = jail(family, workers=2)
+    for port in (T, T + 1):
+        for who in ("-m conntrack ! --ctstate DNAT", UID):
+            rule = f"-A OUTPUT -o lo -p tcp -m tcp --dport {port} {who} -j REJECT"
+            i = index(rs, "filter", "OUTPUT", rule)
+            assert i < index(rs, "filter", "OUTPUT", "-A OUTPUT -o lo -j ACCEPT")
+    # No third port: nothing else became reachable.
+    assert not [ln for ln in lines(rs, "filter", "OUTPUT") if f"--dport {T + 2}" in ln]
+    assert lines(rs, "filter", "INPUT") == lines(jail(family), "filter", "INPUT")
+
+
+@pytest.mark.parametrize("kw", [
+    {"workers": 0}, {"workers": True}, {"workers": "2"},
+    {"workers": 4, "transparent_port": 15050},  # 15053 would be a worker's and DNS's
+    {"workers": 2, "inbound": [(15002, ["0.0.0.0/0"])], "veth": "pnj-0a1b2c3d"},
+])
+def test_bad_worker_plans(kw):
+    with pytest.raises(RuleError):
+        jail(4, **kw)
+
+
+@pytest.mark.parametrize("params", [
+    (("mode", "random"), ("every", "2"), ("packet", "0")),
+    (("mode", "nth"), ("every", "2")),
+    (("mode", "nth"), ("every", "1"), ("packet", "0")),
+    (("mode", "nth"), ("every", "2"), ("packet", "2")),
+    (("mode", "nth"), ("every", "!2"), ("packet", "0")),
+    (("mode", "nth"), ("every", "2"), ("packet", "0"), ("probability", "0.5")),
+])
+def test_the_statistic_match_is_nth_whole_or_refused(params):
+    with pytest.raises(RuleError):
+        Rule("nat", "OUTPUT", "REDIRECT", protocol="tcp",
+             matches=(("statistic", params),), target_args=(("to-ports", "15001"),))

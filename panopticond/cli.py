@@ -91,7 +91,10 @@ def _run_cold(req) -> int:
         # the same two remove the host's rules at the end.
         firewall.prestart()
         # Likewise the proxy's interpreter: mitmproxy's imports, ~0.7 s of CPU.
-        proxy.prestart()
+        from .plan import Names
+
+        name = req.agent or f"run-{req.pid}"
+        proxy.prestart(os.path.join(Names.of(name).run_dir, "proxy.json"))
     try:
         inst, user, cmd = setup_run(req)
         started = time.time()

@@ -192,10 +192,10 @@ def _become_proxy(opts_path: str, ready_w: int, err_fd: int, stdin_fd: int,
 _prestarted: list[tuple[subprocess.Popen, int, int]] = []
 
 _PRESTART_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-                  "from panopticond.proxy import prestarted; prestarted(sys.argv[2:])")
+                  "from panopticond.proxy_main import prestarted; prestarted(sys.argv[2:])")
 
 
-def prestart() -> None:
+def prestart(opts_path: str = "") -> None:
     """Start the cold path's proxy interpreter now: it imports mitmproxy and our addons
     (~0.7 s of CPU) while `run` reads the config and builds the jail, then waits, as
     root, with nothing open but two pipes, until `Proxy.start` tells it where to go;
@@ -208,7 +208,9 @@ def prestart() -> None:
     ready_r, ready_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _PRESTART_BOOT, root, str(ctl_r), str(ready_w)],
+            # `opts_path`, where its options will be, only names its jail for `ps`.
+            [sys.executable, "-I", "-c", _PRESTART_BOOT, root, str(ctl_r), str(ready_w),
+             opts_path],
             stdin=subprocess.DEVNULL, pass_fds=(ctl_r, ready_w), cwd="/",
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
             preexec_fn=_die_with_parent)
@@ -237,31 +239,6 @@ def discard_prestarted() -> None:
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     privs.set_pdeathsig()
 
-
-def prestarted(argv: list[str]) -> None:  # pragma: no cover - the prestarted child
-    """The prestarted interpreter: import, then wait for the one instruction."""
-    ctl_r, ready_w = int(argv[0]), int(argv[1])
-    from . import ca, proxy_main
-
-    # Most runs of the cold path are ad-hoc, with an ephemeral CA: its RSA key (50-150 ms)
-    # is made now, in memory, and written only as the proxy user, into its own confdir.
-    fresh = ca.new_ephemeral()
-    with os.fdopen(ctl_r, "rb") as ctl:
-        line = ctl.readline()
-    if not line:
-        os._exit(0)  # nobody needs us
-    go = json.loads(line)
-    err = os.open(go["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-
-    def write_ca() -> None:
-        confdir = go["fresh_ca"]
-        if confdir and not os.path.exists(os.path.join(confdir, ca.CA_KEY_AND_CERT)):
-            ca.write_ephemeral(confdir, fresh)
-            proxy_main.seed_ca(confdir, fresh.private_key, fresh.certificate)
-
-    _become_proxy(go["opts"], ready_w, err, devnull, go["env"], go["netns"], go["uid"],
-                  go["gid"], as_proxy_user=write_ca)
 
 
 def _max_fd() -> int:

@@ -163,6 +163,33 @@ async def _main(opts_path: str, ready_fd: int) -> int:
     return 0
 
 
+def prestarted(argv: list[str]) -> None:  # pragma: no cover - the prestarted child (proxy.prestart)
+    """The prestarted interpreter: import, then wait for the one instruction."""
+    ctl_r, ready_w = int(argv[0]), int(argv[1])
+    from panopticond import ca
+    from panopticond.proxy import _become_proxy
+
+    # Most runs of the cold path are ad-hoc, with an ephemeral CA: its RSA key (50-150 ms)
+    # is made now, in memory, and written only as the proxy user, into its own confdir.
+    fresh = ca.new_ephemeral()
+    with os.fdopen(ctl_r, "rb") as ctl:
+        line = ctl.readline()
+    if not line:
+        os._exit(0)  # nobody needs us
+    go = json.loads(line)
+    err = os.open(go["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+
+    def write_ca() -> None:
+        confdir = go["fresh_ca"]
+        if confdir and not os.path.exists(os.path.join(confdir, ca.CA_KEY_AND_CERT)):
+            ca.write_ephemeral(confdir, fresh)
+            seed_ca(confdir, fresh.private_key, fresh.certificate)
+
+    _become_proxy(go["opts"], ready_w, err, devnull, go["env"], go["netns"], go["uid"],
+                  go["gid"], as_proxy_user=write_ca)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.getLogger().setLevel(logging.INFO)

@@ -314,26 +314,33 @@ def test_healthz_is_unreachable_from_the_jail(daemon):
 # -- supervision -------------------------------------------------------------------------
 
 def test_proxy_killed_under_traffic_leaks_nothing_and_recovers(lab, daemon, canary):
-    old = daemon.proxy_pid()
     lab.wait_for(lambda: len([t for t in daemon.traffic() if t["ok"]]) >= 8, 30)
     mark = lab.mark()
-    os.kill(old, signal.SIGKILL)
-    lab.wait_for(lambda: gone_or_zombie(old), 10)
-    dead_from = time.clock_gettime(time.CLOCK_BOOTTIME)
+    # The premise, "some attempt overlapped the proxy's absence", is checked, not
+    # assumed: a quick restart can fall between two rounds of the agent's traffic, and
+    # then the kill is repeated (at most three times).
+    for _ in range(3):
+        old = daemon.proxy_pid()
+        os.kill(old, signal.SIGKILL)
+        lab.wait_for(lambda: gone_or_zombie(old), 10)
+        dead_from = time.clock_gettime(time.CLOCK_BOOTTIME)
 
-    doc = daemon.wait_health(lambda c, d: c == 503 and "proxy" in d["not_ready"], 30, "503")
-    assert not doc["ready"]
-    doc = daemon.wait_health(lambda c, d: c == 200 and d["proxy"]["pid"] != old, 90, "recovered")
-    new = doc["proxy"]["pid"]
-    dead_until = boottime_start(new)
-    daemon.wait_event("proxy-restarted", pid=str(new))
+        doc = daemon.wait_health(lambda c, d: c == 503 and "proxy" in d["not_ready"], 30, "503")
+        assert not doc["ready"]
+        doc = daemon.wait_health(lambda c, d: c == 200 and d["proxy"]["pid"] != old, 90,
+                                 "recovered")
+        new = doc["proxy"]["pid"]
+        dead_until = boottime_start(new)
+        daemon.wait_event("proxy-restarted", pid=str(new))
+        traffic = daemon.traffic()
+        overlap = [t for t in traffic
+                   if t["start"] < dead_until and t.get("end", 1e18) > dead_from]
+        if overlap:
+            break
 
     # Requests that ran entirely while no proxy existed: all failed, none reached a
     # server. (One that overlaps the recovery may rightly succeed after it: a lookup that
-    # waited for the new DNS listener, say.) Under load one attempt can span the whole
-    # absence, so the premise is "something overlapped it", checked, not assumed.
-    traffic = daemon.traffic()
-    overlap = [t for t in traffic if t["start"] < dead_until and t.get("end", 1e18) > dead_from]
+    # waited for the new DNS listener, say.)
     assert overlap, "no attempt overlapped the proxy's absence: the test proved nothing"
     inside = [t for t in traffic if dead_from <= t["start"] and t["end"] <= dead_until]
     assert all(not t["ok"] for t in inside), [t for t in inside if t["ok"]]

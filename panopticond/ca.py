@@ -160,7 +160,11 @@ def write_ephemeral(confdir: str, ephemeral: EphemeralCA,
                     owner: tuple[int, int] | None = None) -> None:
     """Write a CA made ahead into a fresh confdir, 0600 (root: then chowned to `owner`;
     the prestarted proxy writes it as the proxy user itself). Refuses to overwrite."""
-    for name, data in ((CA_KEY_AND_CERT, ephemeral.key_and_cert), (CA_CERT, ephemeral.cert)):
+    from mitmproxy import certs
+
+    # mitmproxy's default DH parameters, which it would write as it loads the CA.
+    for name, data in (("mitmproxy-dhparam.pem", certs.DEFAULT_DHPARAM),
+                       (CA_KEY_AND_CERT, ephemeral.key_and_cert), (CA_CERT, ephemeral.cert)):
         fd = os.open(os.path.join(confdir, name),
                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         if owner is not None:

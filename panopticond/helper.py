@@ -48,6 +48,7 @@ log = logging.getLogger("panopticon")
 
 SD_LISTEN_FDS_START = 3
 SPARE_DELAY = 1.0  # s after a pair of workers was lent before a new spare is started
+CA_DELAY = 0.3  # s after a CA was taken, or between two made, before the next is made
 MAX_PAIRS = 4  # warm pairs kept (one per jail starting at the same time)
 NO_REQUEST = 3  # a jail process's status when its client asked for nothing (it built nothing)
 
@@ -136,27 +137,31 @@ class WorkerPool:
 
 
 class CAStock:
-    """The next ephemeral CA, made while the helper is idle (an RSA key: 50-150 ms)."""
+    """The next ephemeral CAs, made while the helper is idle (an RSA key: 50-150 ms of
+    CPU, which would otherwise be the forked proxy's, on the start's critical path).
+    Two are kept, so that runs back to back find one; each serves one jail only."""
 
-    def __init__(self, delay: float = SPARE_DELAY):
+    def __init__(self, size: int = 2, delay: float = CA_DELAY):
+        self.size = size
         self.delay = delay
-        self.spare = None
+        self.spares: list = []
         self.due: float | None = time.monotonic()
 
     def take(self):
-        spare, self.spare = self.spare, None
-        self.due = time.monotonic() + self.delay
+        spare = self.spares.pop() if self.spares else None
+        self.due = time.monotonic() + self.delay  # not while the jail just asked starts
         return spare
 
     def timeout(self) -> float | None:
         return None if self.due is None else max(0.0, self.due - time.monotonic())
 
     def tick(self) -> None:
-        if self.due is not None and time.monotonic() >= self.due:
-            from . import ca
+        if self.due is None or time.monotonic() < self.due:
+            return
+        from . import ca
 
-            self.due = None
-            self.spare = ca.new_ephemeral()
+        self.spares.append(ca.new_ephemeral())
+        self.due = time.monotonic() + self.delay if len(self.spares) < self.size else None
 
 
 def listening_socket(path: str | None) -> tuple[socket.socket, str | None]:

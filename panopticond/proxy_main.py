@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
@@ -125,11 +126,12 @@ def seed_ca(confdir: str, private_key, certificate) -> None:
     objects it was made of, so that the proxy does not load and check it again."""
     from mitmproxy import certs, options
 
+    # First: mitmproxy writes its default DH parameters there if the file is missing,
+    # which changes the identity the cache is keyed on.
+    dh = certs.CertStore.load_dhparam(Path(confdir) / "mitmproxy-dhparam.pem")
     key = _ca_key(confdir, "mitmproxy", options.KEY_SIZE, None)
     if key is None:
         raise FileNotFoundError(f"no CA in {confdir}")
-    dh = certs.CertStore.load_dhparam(
-        __import__("pathlib").Path(confdir) / "mitmproxy-dhparam.pem")
     _ca_cache.clear()
     _ca_cache[key] = certs.CertStore(private_key, certs.Cert(certificate), None, dh)
 

@@ -458,3 +458,65 @@ def test_an_operator_addon_cannot_loosen_through_the_dispatched_chain(paths):
     with configured(pa.chain_entries(pa.all_addons([Loosens()])), paths) as tctx:
         f = run_http_sync(tctx.master, plain("denied.example"))
     assert f.response.status_code == 403 and not verdict.is_allowed(f)
+
+
+# --- flatten: mitmproxy's own addons too ----------------------------------------------------
+
+
+def _dumpmaster_run(tmp_path, paths, flat, operator=()):
+    """A DumpMaster as the proxy builds it (proxy_main): what allowed, denied and DNS
+    flows got, the log, and the chain, with or without `flatten`."""
+    log = tmp_path / f"flat-{flat}.jsonl"
+
+    async def go():
+        m = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+        ours = pa.install(m, list(operator))
+        binding = next(a for a in ours if type(a).__name__ == "Binding")
+
+        async def resolve(name, family):  # never a real lookup
+            return [DEST] if family == 4 else []
+
+        binding.resolve = resolve
+        before = dispatch.expand(m.addons.chain)
+        if flat:
+            dispatch.flatten(m)
+            assert dispatch.expand(m.addons.chain) == before  # the same addons, in order
+        m.options.update(panopticon_policy=str(paths[0]), panopticon_log=str(log),
+                         panopticon_instance="x")
+        out = []
+        for host in ("allowed.example", "denied.example", "allowed.example"):
+            f = await run_http_async(m, plain(host, transparent=True))
+            out.append((f.response.status_code if f.response else None,
+                        (verdict.get(f) or {}).get("by")))
+        f = tflow.tdnsflow(req=tutils.tdnsreq(
+            questions=[dns.Question("denied.example", dns.types.A, dns.classes.IN)]))
+        await m.addons.handle_lifecycle(dns_layer.DnsRequestHook(f))
+        out.append((f.response.response_code if f.response else None,
+                    (verdict.get(f) or {}).get("by")))
+        await m.addons.trigger_event(hooks.DoneHook())
+        return out, list(m.addons.chain)
+
+    got, chain = asyncio.run(go())
+    return got, comparable(log_lines(log)), chain
+
+
+def test_a_flattened_dumpmaster_answers_as_the_plain_one(tmp_path, paths):
+    plain_got, plain_log, plain_chain = _dumpmaster_run(tmp_path, paths, flat=False)
+    flat_got, flat_log, flat_chain = _dumpmaster_run(tmp_path, paths, flat=True)
+    assert flat_got == plain_got and flat_log == plain_log
+    assert [x[0] for x in flat_got[:3]] == [200, 403, 200]
+    assert flat_got[3][0] != dns.response_codes.NOERROR  # the denied name: refused
+    assert len(plain_chain) > 30 and len(flat_chain) == 1
+
+
+def test_flatten_leaves_operator_addons_and_the_boundary_entries_of_their_own(tmp_path, paths):
+    class Operator:
+        name = "op"
+
+        def request(self, f):
+            pass
+
+    op = Operator()
+    _, _, chain = _dumpmaster_run(tmp_path, paths, flat=True, operator=[op])
+    kinds = ["D" if isinstance(e, Dispatch) else names([e])[0] for e in chain]
+    assert kinds == ["D", "panopticon_operator_opening", "op", "panopticon_operator_closing", "D"]

@@ -77,18 +77,17 @@ from typing import Any, Literal, NoReturn, Protocol
 
 from panopticond.rules import Rule, RuleSet, chain_prefix
 
-# Inside the instance namespace: route i listens on BASE_PORT + i (transparent 15001 and
-# DNS 15053 are below it).
-BASE_PORT = 15100
+# Inside the instance namespace: route i listens on BASE_PORT + i, below 1024 as the
+# proxy's other ports (plan.py): the agent cannot take them.
+BASE_PORT = 960
 MAX_ROUTES = 32
 # Every instance's host-side veth starts with this (plan.Names); traffic from any of
 # them is never DNATed into a jail.
 VETH_HOST_PREFIX = "pnh"
 # Listening ports an unprivileged agent may bind in its namespace start here.
 UNPRIVILEGED_PORT_START = 1024
-# 15001-15008: the proxy workers' transparent ports (plan.transparent_ports).
-RESERVED_JAIL_PORTS = frozenset({*range(15001, 15009), 15053,
-                                 *range(BASE_PORT, BASE_PORT + MAX_ROUTES)})
+# The proxy's ports in the jail (its transparent and DNS ports, the routes') are below it:
+# a route's `to`, where the agent listens, can never be one of them.
 
 ROUTE_KEYS = ("listen", "to", "tls", "allow_from", "websocket", "block_patterns")
 _ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -287,10 +286,6 @@ def _to(c: Checker, value: Any, path: Path) -> tuple[str, int]:
                f"cannot listen on it in the jail",
                hint=f"have the agent listen on a port from {UNPRIVILEGED_PORT_START} up "
                "(e.g. 8443); `listen` on the host may still be 443")
-    if port in RESERVED_JAIL_PORTS:
-        c.fail(path, f"port {port} is used by the proxy inside the jail",
-               hint=f"choose a port outside 15001-15008, 15053 and {BASE_PORT}-"
-               f"{BASE_PORT + MAX_ROUTES - 1}")
     return host, port
 
 

@@ -18,9 +18,11 @@ from .errors import PanopticonError
 
 INSTANCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
-# Inside the instance namespace, so fixed values never collide between instances.
-TRANSPARENT_PORT = 15001
-DNS_PORT = 15053
+# Inside the instance namespace, so fixed values never collide between instances. Below
+# 1024: the agent, with no capability, cannot bind them, not even while the proxy is
+# down (threats.md 41); the proxy keeps CAP_NET_BIND_SERVICE alone (privs.py).
+TRANSPARENT_PORT = 901
+DNS_PORT = 953
 # Proxy worker i (config `proxy_workers`) listens on TRANSPARENT_PORT + i; worker 0 alone
 # answers DNS. At most config.MAX_PROXY_WORKERS, well below DNS_PORT.
 MAX_WORKER_PORTS = 8

@@ -1,7 +1,7 @@
 """The proxy process: its options, privilege drop, readiness and stop.
 
 mitmproxy runs inside the instance namespace as the proxy user, listening on loopback
-only (transparent :15001, DNS :15053, on 127.0.0.1 and ::1), and connects upstream only
+only (transparent :901, DNS :953, on 127.0.0.1 and ::1), and connects upstream only
 after our addons decided (`connection_strategy=lazy`).
 """
 
@@ -175,7 +175,8 @@ def _become_proxy(opts_path: str, ready_w: int, err_fd: int, stdin_fd: int,
         os.chdir("/")
         os.environ.clear()
         os.environ.update(env)
-        privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True)
+        privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True,
+                             keep_caps=(privs.CAP_NET_BIND_SERVICE,))
         if as_proxy_user is not None:
             as_proxy_user()
         proxy_main.main([opts_path, str(ready_w)])  # ends with os._exit
@@ -340,7 +341,8 @@ class Proxy:
             return
 
         def preexec() -> None:  # pragma: no cover - runs in the child
-            privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True)
+            privs.enter_and_drop(netns, uid, gid, groups=[], new_session=True, pdeathsig=True,
+                                 keep_caps=(privs.CAP_NET_BIND_SERVICE,))
 
         root = package_root()
         boot = ("import sys; sys.path.insert(0, sys.argv[1]); "

@@ -254,7 +254,7 @@ class Rule:
 
     `matches` is a tuple of (match name, ((key, value), ...)), e.g.
     ``("owner", (("uid-owner", "998"),))``; `target_args` likewise, e.g.
-    ``(("to-ports", "15001"),)``. `target` is a built-in target or a `PANO-` chain.
+    ``(("to-ports", "901"),)``. `target` is a built-in target or a `PANO-` chain.
     Raises `RuleError` (a ValueError) on anything unknown or malformed.
     """
 

@@ -18,6 +18,7 @@ import pytest
 import attacklib as lib
 import jailrun as jail
 from attacklib import HOST_V4, LAN
+from panopticond.plan import DNS_PORT, TRANSPARENT_PORT
 
 pytestmark = pytest.mark.root
 
@@ -160,10 +161,11 @@ for host, port in (("224.0.0.251", 5353), ("239.255.255.250", 1900), ("ff02::fb"
 # -- 10 listeners in the jail ------------------------------------------------------------------
 A(10, "HTTPS to an allowed name (through the REDIRECT)", "curl", control=True,
   expect=lib.status(200), argv=[f"https://{V4_NAME}/c10/@T@"])
-for host, port in (("127.0.0.1", 15001), ("::1", 15001), ("127.0.0.1", 15053), ("::1", 15053)):
+for host, port in (("127.0.0.1", TRANSPARENT_PORT), ("::1", TRANSPARENT_PORT),
+                   ("127.0.0.1", DNS_PORT), ("::1", DNS_PORT)):
     A(10, f"TCP straight to the proxy's {host}:{port}", "tcp", host=host, port=port,
       payload=HTTP.format(V4_NAME), expect=lib.refused)
-A(10, "UDP straight to the proxy's DNS port", "udp", host="127.0.0.1", port=15053,
+A(10, "UDP straight to the proxy's DNS port", "udp", host="127.0.0.1", port=DNS_PORT,
   payload="@T@", expect=lib.no_answer)
 A(10, "every listening port of the jail, directly", "listening", payload=HTTP.format(V4_NAME),
   expect=lambda r: r["ports"] and "connected" not in r["ports"].values())
@@ -222,7 +224,8 @@ def compromised_proxy(lab, name, canary, control):
                         capture_output=True, text=True).stdout
     gateway = json.loads(gw)[0]["gateway"]
     targets = [["169.254.169.254", 80], ["fd00:ec2::254", 80], [LAN, 80], [HOST_V4, 22],
-               [HOST_V4, 80], [gateway, 22], [gateway, 80], [WWW4, 8080], ["127.0.0.1", 15001]]
+               [HOST_V4, 80], [gateway, 22], [gateway, 80], [WWW4, 8080],
+               ["127.0.0.1", TRANSPARENT_PORT]]
     p = subprocess.run(["nsenter", f"--net=/run/netns/panopticon-{name}", "setpriv",
                         "--reuid", str(lib.PROXY_UID), "--regid", str(lib.PROXY_GID),
                         "--clear-groups", jail.VENV_PYTHON, "-c", COMPROMISED, canary + "proxy",

@@ -27,6 +27,8 @@ import pytest
 import jailrun as jail
 from test_daemon import Daemon, gone_or_zombie
 
+from panopticond.plan import DNS_PORT, TRANSPARENT_PORT
+
 pytestmark = pytest.mark.root
 
 NAME, PORT = "pntatkfail", 9191
@@ -122,8 +124,12 @@ SQUAT = r"""
 import json, socket, sys, time
 out, deadline = {}, time.monotonic() + float(sys.argv[1])
 held = []
+# The control: a port of the agent's own range binds (the script and the jail work).
+control = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+control.bind(("127.0.0.1", 0))
+print(json.dumps({"control": control.getsockname()[1]}), flush=True)
 while time.monotonic() < deadline and len(out) < 3:
-    for host, port, kind in (("127.0.0.1", 15001, 1), ("::1", 15001, 1), ("127.0.0.1", 15053, 2)):
+    for host, port, kind in (("127.0.0.1", @T@, 1), ("::1", @T@, 1), ("127.0.0.1", @D@, 2)):
         key = f"{host}:{port}/{kind}"
         if key in out:
             continue
@@ -146,7 +152,8 @@ def fail(attack_lab):
     lab = attack_lab
     work = jail.Workdir()
     work.write("raiser.py", RAISER)
-    for name, text in (("flood.py", FLOOD), ("connections.py", CONNECTIONS), ("squat.py", SQUAT)):
+    squat = SQUAT.replace("@T@", str(TRANSPARENT_PORT)).replace("@D@", str(DNS_PORT))
+    for name, text in (("flood.py", FLOOD), ("connections.py", CONNECTIONS), ("squat.py", squat)):
         work.write(name, text)
     out = work.path / "out"
     out.mkdir()
@@ -347,24 +354,26 @@ def test_45_a_reload_storm_keeps_the_last_good_policy(fail):
     allowed_works(fail, "c45")
 
 
-@pytest.mark.threat(41, "the agent takes the proxy's port while it is down")
-@pytest.mark.xfail(strict=True, reason="LEAK: ports >= 1024 are the agent's to bind in the "
-                   "jail: once mitmdump dies, the agent can listen on 127.0.0.1:15001 (and "
-                   "15053) itself, and the restarted proxy cannot (a denial of service of "
-                   "the jail; nothing leaves, the REDIRECT then leads to the agent itself)")
+@pytest.mark.threat(41, "the agent cannot take the proxy's ports while it is down")
 def test_41_the_agent_cannot_take_the_proxys_port(fail):
+    """The proxy's ports are below 1024 (plan.py), which only the proxy, with
+    CAP_NET_BIND_SERVICE, may bind in the jail: killed, its ports stay out of the
+    agent's reach, and the restarted proxy gets them back."""
     d = fail["d"]
     old = d.proxy_pid()
     squat = subprocess.Popen(d.jailed([jail.VENV_PYTHON, str(fail["work"].path / "squat.py"),
                                        "5", "4"]), stdout=subprocess.PIPE, text=True)
     try:
+        control = json.loads(squat.stdout.readline() or "{}")
         time.sleep(0.3)
         os.kill(old, signal.SIGKILL)
         taken = json.loads(squat.stdout.readline() or "{}")
     finally:
         squat.wait(20)
-    healthy(d, 120)  # the squatter gave up: the jail must come back either way
+    assert control.get("control", 0) >= 1024, control  # the agent can bind its own ports
     assert taken == {}, f"the agent bound {sorted(taken)}"
+    healthy(d, 120)  # and the restarted proxy has its ports back
+    assert d.proxy_pid() != old
 
 
 @pytest.mark.threat(41, "nothing of the flood reached anything, through every failure")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import jailrun as jail
+from panopticond.inbound import BASE_PORT
 from panopticond.lab import HOST_V4, HOST_V6, ROUTER_V4, ROUTER_V6
 from panopticond.lab import certs
 from panopticond.plan import Names
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.root
 NAME = f"pntinb{os.getpid() % 100000}"
 AGENT_PORT = 8080
 WEB, PLAIN, OWN = 18443, 18080, 18444
-WEB_LISTENER, PLAIN_LISTENER = 15100, 15101  # inbound.BASE_PORT + route index
+WEB_LISTENER, PLAIN_LISTENER = BASE_PORT, BASE_PORT + 1  # inbound.BASE_PORT + route index
 DENIED_V4, DENIED_V6 = "198.51.100.99", "2001:db8:99::99"  # extra client addresses
 HERE = Path(__file__).parent
 TIMEOUT = "2"  # seconds to wait for a dropped connection

@@ -22,6 +22,7 @@ import pytest
 
 import jailrun as jail
 from jailrun import V4_ONLY, V6_ONLY, VENV_PYTHON
+from panopticond.plan import DNS_PORT, TRANSPARENT_PORT
 
 pytestmark = pytest.mark.root
 
@@ -377,7 +378,7 @@ def test_the_proxy_listens_on_loopback_only(lab, work):
         parts = line.split()
         if len(parts) > 3 and ":" in parts[1] and parts[1] != "local_address":
             addr, port = parts[1].rsplit(":", 1)
-            if int(port, 16) in (15001, 15053):
+            if int(port, 16) in (TRANSPARENT_PORT, DNS_PORT):
                 listeners.append(addr)
     loop4, loop6 = "0100007F", "00000000000000000000000001000000"
     # Both families, TCP and UDP: four listeners at least, all on loopback.

@@ -26,6 +26,7 @@ import pytest
 import jailrun as jail
 from jailrun import V4_ONLY, V6_ONLY, VENV_PYTHON
 from panopticond import logread
+from panopticond.plan import transparent_ports
 
 pytestmark = pytest.mark.root
 
@@ -49,7 +50,7 @@ def run(lab):
         w.write("workers_agent.py", AGENT.read_text())
         denied_ip = lab.names["denied.example"][0]
         spec = {"n": N, "host": WWW, "v4_host": V4_ONLY[0], "v6_host": V6_ONLY[0],
-                "fresh": FRESH[0], "denied_ip": denied_ip, "worker_ports": [15001, 15002]}
+                "fresh": FRESH[0], "denied_ip": denied_ip, "worker_ports": list(transparent_ports(2))}
         # In a directory of its own, which the jail gives the proxy user: rotating renames.
         log = w.path / "logs" / "requests.jsonl"
         mark = lab.mark()

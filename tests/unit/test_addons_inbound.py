@@ -24,10 +24,10 @@ from panopticond.addons import flowlog, verdict
 from panopticond.addons.inbound import (WS_REFUSED, Inbound, _Close, is_inbound,
                                         load_routes)
 
-WEB = {"name": "web", "port": 15100, "to": ["127.0.0.1", 8443], "tls": "self",
+WEB = {"name": "web", "port": 960, "to": ["127.0.0.1", 8443], "tls": "self",
        "cert_file": None, "allow_from": ["203.0.113.0/24", "2001:db8::/32"],
        "websocket": True, "block_patterns": ["evil-[0-9]+"]}
-PLAIN = {"name": "plain", "port": 15101, "to": ["127.0.0.1", 8080], "tls": "none",
+PLAIN = {"name": "plain", "port": 961, "to": ["127.0.0.1", 8080], "tls": "none",
          "cert_file": None, "allow_from": ["198.51.100.0/24"], "websocket": False,
          "block_patterns": []}
 
@@ -45,12 +45,12 @@ def env(tmp_path):
         yield addon, fl, log
 
 
-def client(port=15100, peer="203.0.113.5", *, tls_on=None, mode=None) -> connection.Client:
+def client(port=960, peer="203.0.113.5", *, tls_on=None, mode=None) -> connection.Client:
     c = tflow.tclient_conn()
     c.proxy_mode = ProxyMode.parse(mode or f"reverse:http://127.0.0.1:8443@0.0.0.0:{port}")
     c.sockname = ("10.231.0.2", port)
     c.peername = (peer, 40000)
-    c.tls = (port == 15100) if tls_on is None else tls_on
+    c.tls = (port == 960) if tls_on is None else tls_on
     c.sni = "inb.example" if c.tls else None
     return c
 
@@ -105,7 +105,7 @@ def test_ipv6_and_mapped_sources(env):
 def test_outbound_flows_are_left_alone(env):
     addon, _, _ = env
     f = tflow.tflow()
-    f.client_conn.proxy_mode = ProxyMode.parse("transparent@127.0.0.1:15001")
+    f.client_conn.proxy_mode = ProxyMode.parse("transparent@127.0.0.1:901")
     judge(addon, f)
     assert verdict.get(f) is None and not is_inbound(f) and "panopticon_direction" not in f.metadata
     c = tflow.tclient_conn()
@@ -140,13 +140,13 @@ def test_unknown_listener_is_refused(env):
 @pytest.mark.parametrize("kw,reason", [
     ({"peer": "192.0.2.66"}, "source address not allowed"),
     ({"tls_on": False}, "route web is TLS"),
-    ({"port": 15101, "peer": "198.51.100.4", "tls_on": True}, "route plain is not TLS"),
+    ({"port": 961, "peer": "198.51.100.4", "tls_on": True}, "route plain is not TLS"),
     ({"method": "CONNECT"}, "CONNECT"),
     ({"path": "/x?q=evil-1"}, "query matches"),
     ({"path": "/x?q=evil%2D1"}, "query matches"),
     ({"path": "/x?q=evil+-1&a=evil-2"}, "query matches"),
     ({"headers": {"upgrade": "h2c", "connection": "upgrade"}}, "upgrade is not allowed"),
-    ({"port": 15101, "peer": "198.51.100.4", "headers": {"upgrade": "websocket"}},
+    ({"port": 961, "peer": "198.51.100.4", "headers": {"upgrade": "websocket"}},
      "does not allow WebSocket"),
 ])
 def test_refused_requests_get_403_and_are_logged(env, kw, reason):
@@ -194,7 +194,7 @@ def test_streamed_body_cannot_be_inspected(env):
     assert not verdict.is_allowed(f)
     assert verdict.get(f)["reason"] == "the body is too large to inspect"
     # Without patterns, streaming is fine.
-    g = flow(method="POST", port=15101, peer="198.51.100.4", headers={"content-length": "5000000"})
+    g = flow(method="POST", port=961, peer="198.51.100.4", headers={"content-length": "5000000"})
     g.request.stream = True
     addon.requestheaders(g)
     assert verdict.is_allowed(g)
@@ -269,12 +269,12 @@ def _options():
 
 
 @pytest.mark.parametrize("port,peer,chosen,closed", [
-    (15100, "203.0.113.5", layers.ClientTLSLayer, False),
-    (15100, "203.0.113.5", lambda ctx: layers.HttpLayer(ctx, layers.http.HTTPMode.transparent),
+    (960, "203.0.113.5", layers.ClientTLSLayer, False),
+    (960, "203.0.113.5", lambda ctx: layers.HttpLayer(ctx, layers.http.HTTPMode.transparent),
      True),
-    (15101, "198.51.100.4", lambda ctx: layers.HttpLayer(ctx, layers.http.HTTPMode.transparent),
+    (961, "198.51.100.4", lambda ctx: layers.HttpLayer(ctx, layers.http.HTTPMode.transparent),
      False),
-    (15101, "198.51.100.4", layers.ClientTLSLayer, True),
+    (961, "198.51.100.4", layers.ClientTLSLayer, True),
 ])
 def test_a_route_holds_to_its_tls_mode(env, port, peer, chosen, closed):
     addon, _, log = env

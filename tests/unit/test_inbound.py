@@ -88,10 +88,11 @@ ERRORS = [
     ('listen = "*:0"\n' + WEB[16:], "3: agents.bot.inbound.web.listen", "not a port"),
     ('listen = "*:443"\nto = 443\nallow_from = ["::/0"]\n', "4: agents.bot.inbound.web.to",
      "privileged"),
-    ('listen = "*:443"\nto = 15001\nallow_from = ["::/0"]\n', "4: agents.bot.inbound.web.to",
-     "used by the proxy"),
-    ('listen = "*:443"\nto = 15100\nallow_from = ["::/0"]\n', "4: agents.bot.inbound.web.to",
-     "used by the proxy"),
+    # The proxy's own ports in the jail are privileged too (plan.py): never a `to`.
+    ('listen = "*:443"\nto = 901\nallow_from = ["::/0"]\n', "4: agents.bot.inbound.web.to",
+     "privileged"),
+    ('listen = "*:443"\nto = 960\nallow_from = ["::/0"]\n', "4: agents.bot.inbound.web.to",
+     "privileged"),
     ('listen = "*:443"\nto = "10.0.0.1:8443"\nallow_from = ["::/0"]\n',
      "4: agents.bot.inbound.web.to", "over loopback only"),
     ('listen = "*:443"\nto = 8443\nallow_from = []\n', "5: agents.bot.inbound.web.allow_from",
@@ -192,21 +193,21 @@ def two_routes():
 def test_plan_gives_each_route_a_listener_and_drops_missing_families():
     pubs = inbound.plan(two_routes(), ipv6=True)
     assert [(p.route.name, p.port, p.families) for p in pubs] == [
-        ("web", 15100, (4, 6)), ("plain", 15101, (4,))]
+        ("web", 960, (4, 6)), ("plain", 961, (4,))]
     assert [(p.port, p.families) for p in inbound.plan(two_routes(), ipv6=False)] == [
-        (15100, (4,)), (15101, (4,))]
+        (960, (4,)), (961, (4,))]
 
 
 def test_proxy_modes_and_config():
     pubs = inbound.plan(two_routes(), ipv6=True)
     assert inbound.proxy_modes(pubs) == [
-        "reverse:http://127.0.0.1:8443@0.0.0.0:15100",
-        "reverse:http://127.0.0.1:8443@:::15100",
-        "reverse:http://127.0.0.1:8080@0.0.0.0:15101",
+        "reverse:http://127.0.0.1:8443@0.0.0.0:960",
+        "reverse:http://127.0.0.1:8443@:::960",
+        "reverse:http://127.0.0.1:8080@0.0.0.0:961",
     ]
     doc = inbound.proxy_config(pubs, "/run/panopticon/bot")
     assert doc["routes"][0] == {
-        "name": "web", "port": 15100, "to": ["127.0.0.1", 8443], "tls": "self",
+        "name": "web", "port": 960, "to": ["127.0.0.1", 8443], "tls": "self",
         "cert_file": None, "allow_from": ["203.0.113.0/24", "2001:db8::/32"],
         "websocket": True, "block_patterns": ["evil"]}
     # A family the jail does not serve is not allowed by the proxy either.
@@ -224,10 +225,10 @@ def test_proxy_spec_adds_the_listeners_and_lets_public_clients_in():
     names = Names.of("bot")
     spec = ProxySpec(names=names, uid=1, gid=1, confdir="/c", policy_path="/p", log_path="/l",
                      dns_servers=(), ipv6=True, upstream_ca=None,
-                     inbound_modes=("reverse:http://127.0.0.1:8443@0.0.0.0:15100",),
+                     inbound_modes=("reverse:http://127.0.0.1:8443@0.0.0.0:960",),
                      inbound_path="/run/panopticon/bot/inbound.json")
     opts = spec.options()
-    assert opts["mitmproxy"]["mode"][-1] == "reverse:http://127.0.0.1:8443@0.0.0.0:15100"
+    assert opts["mitmproxy"]["mode"][-1] == "reverse:http://127.0.0.1:8443@0.0.0.0:960"
     assert opts["mitmproxy"]["block_global"] is False
     assert opts["panopticon"]["panopticon_inbound"] == "/run/panopticon/bot/inbound.json"
     plain = ProxySpec(names=names, uid=1, gid=1, confdir="/c", policy_path="/p", log_path="/l",
@@ -255,9 +256,9 @@ def test_host_rules_dnat_only_local_destinations_from_outside_the_jails():
     assert dnat == [
         "-A PANO-ABCDEF01-DNAT -d 127.0.0.0/8 -j RETURN",
         "-A PANO-ABCDEF01-DNAT -p tcp -m addrtype --dst-type LOCAL -m tcp --dport 443 "
-        "-j DNAT --to-destination 10.231.0.2:15100",
+        "-j DNAT --to-destination 10.231.0.2:960",
         "-A PANO-ABCDEF01-DNAT -p tcp -m addrtype --dst-type LOCAL -m tcp --dport 8080 "
-        "-j DNAT --to-destination 10.231.0.2:15101",
+        "-j DNAT --to-destination 10.231.0.2:961",
     ]
 
 
@@ -265,16 +266,16 @@ def test_host_rules_accept_only_allowed_dnated_sources_then_drop():
     rs = host(4, inbound.plan(two_routes(), ipv6=True))
     inb = [r.describe() for r in rs.chain_rules("filter", "PANO-ABCDEF01-INB")]
     assert inb == [
-        "-A PANO-ABCDEF01-INB -s 10.231.0.2/32 -i pnhabcdef01 -p tcp -m tcp --sport 15100 "
+        "-A PANO-ABCDEF01-INB -s 10.231.0.2/32 -i pnhabcdef01 -p tcp -m tcp --sport 960 "
         "-m conntrack --ctstate ESTABLISHED -j ACCEPT",
         "-A PANO-ABCDEF01-INB -s 203.0.113.0/24 -d 10.231.0.2/32 -o pnhabcdef01 -p tcp "
-        "-m tcp --dport 15100 -m conntrack --ctstate DNAT -j ACCEPT",
-        "-A PANO-ABCDEF01-INB -d 10.231.0.2/32 -o pnhabcdef01 -p tcp -m tcp --dport 15100 -j DROP",
-        "-A PANO-ABCDEF01-INB -s 10.231.0.2/32 -i pnhabcdef01 -p tcp -m tcp --sport 15101 "
+        "-m tcp --dport 960 -m conntrack --ctstate DNAT -j ACCEPT",
+        "-A PANO-ABCDEF01-INB -d 10.231.0.2/32 -o pnhabcdef01 -p tcp -m tcp --dport 960 -j DROP",
+        "-A PANO-ABCDEF01-INB -s 10.231.0.2/32 -i pnhabcdef01 -p tcp -m tcp --sport 961 "
         "-m conntrack --ctstate ESTABLISHED -j ACCEPT",
         "-A PANO-ABCDEF01-INB -s 198.51.100.0/24 -d 10.231.0.2/32 -o pnhabcdef01 -p tcp "
-        "-m tcp --dport 15101 -m conntrack --ctstate DNAT -j ACCEPT",
-        "-A PANO-ABCDEF01-INB -d 10.231.0.2/32 -o pnhabcdef01 -p tcp -m tcp --dport 15101 -j DROP",
+        "-m tcp --dport 961 -m conntrack --ctstate DNAT -j ACCEPT",
+        "-A PANO-ABCDEF01-INB -d 10.231.0.2/32 -o pnhabcdef01 -p tcp -m tcp --dport 961 -j DROP",
     ]
 
 
@@ -286,11 +287,11 @@ def test_inbound_jumps_come_before_the_instance_refusals():
     forward = [r.describe() for r in rs.chain_rules("filter", "FORWARD")]
     assert forward.index("-A FORWARD -o pnhabcdef01 -j PANO-ABCDEF01-INB") < \
         forward.index("-A FORWARD -o pnhabcdef01 -j PANO-ABCDEF01-FWD")
-    # IPv6: the plain route (IPv4 only) is absent, the web route goes to [J6]:15100.
+    # IPv6: the plain route (IPv4 only) is absent, the web route goes to [J6]:960.
     lines = rs.describe()
     assert "-A PANO-ABCDEF01-DNAT -d ::1/128 -j RETURN" in lines
-    assert any("--to-destination [fd7a::2]:15100" in x for x in lines)
-    assert not any("15101" in x for x in lines)
+    assert any("--to-destination [fd7a::2]:960" in x for x in lines)
+    assert not any("961" in x for x in lines)
 
 
 def test_specific_listen_address_is_matched():
@@ -312,31 +313,31 @@ def test_veth_prefix_matches_every_instance():
 
 def test_jail_rules_accept_listeners_from_the_veth_only_and_refuse_loopback():
     pubs = inbound.plan(two_routes(), ipv6=True)
-    rs = rules.jail_rules(4, proxy_uid=998, transparent_port=15001, dns_port=15053,
+    rs = rules.jail_rules(4, proxy_uid=998, transparent_port=901, dns_port=953,
                           dns_servers=[], inbound=inbound.jail_inbound(pubs, 4), veth="pnjx")
     lines = rs.describe()
-    assert "-A INPUT -s 203.0.113.0/24 -i pnjx -p tcp -m tcp --dport 15100 -j ACCEPT" in lines
-    assert "-A INPUT -s 198.51.100.0/24 -i pnjx -p tcp -m tcp --dport 15101 -j ACCEPT" in lines
+    assert "-A INPUT -s 203.0.113.0/24 -i pnjx -p tcp -m tcp --dport 960 -j ACCEPT" in lines
+    assert "-A INPUT -s 198.51.100.0/24 -i pnjx -p tcp -m tcp --dport 961 -j ACCEPT" in lines
     out = [r.describe() for r in rs.chain_rules("filter", "OUTPUT")]
-    refuse = "-A OUTPUT -o lo -p tcp -m tcp --dport 15100 -j REJECT --reject-with tcp-reset"
+    refuse = "-A OUTPUT -o lo -p tcp -m tcp --dport 960 -j REJECT --reject-with tcp-reset"
     assert out.index(refuse) < out.index("-A OUTPUT -o lo -j ACCEPT")
     assert out[0] == "-A OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    six = rules.jail_rules(6, proxy_uid=998, transparent_port=15001, dns_port=15053,
+    six = rules.jail_rules(6, proxy_uid=998, transparent_port=901, dns_port=953,
                            dns_servers=[], inbound=inbound.jail_inbound(pubs, 6), veth="pnjx")
     assert [r.src for r in six.chain_rules("filter", "INPUT") if r.src] == ["2001:db8::/32"]
 
 
 def test_jail_rules_refuse_bad_inbound():
-    kw = dict(proxy_uid=998, transparent_port=15001, dns_port=15053, dns_servers=[])
+    kw = dict(proxy_uid=998, transparent_port=901, dns_port=953, dns_servers=[])
     with pytest.raises(rules.RuleError):
-        rules.jail_rules(4, **kw, inbound=((15100, ["0.0.0.0/0"]),))  # no veth
+        rules.jail_rules(4, **kw, inbound=((960, ["0.0.0.0/0"]),))  # no veth
     with pytest.raises(rules.RuleError):
-        rules.jail_rules(4, **kw, inbound=((15001, ["0.0.0.0/0"]),), veth="pnjx")
+        rules.jail_rules(4, **kw, inbound=((901, ["0.0.0.0/0"]),), veth="pnjx")
 
 
 @pytest.mark.parametrize("dest,family,ok", [
-    ("10.0.0.2:15100", 4, True), ("[fd7a::2]:15100", 6, True), ("[fd7a::2]:15100", 4, False),
-    ("10.0.0.2:15100", 6, False), ("10.0.0.2", 4, False), ("10.0.0.2:0", 4, False),
+    ("10.0.0.2:960", 4, True), ("[fd7a::2]:960", 6, True), ("[fd7a::2]:960", 4, False),
+    ("10.0.0.2:960", 6, False), ("10.0.0.2", 4, False), ("10.0.0.2:0", 4, False),
     ("[10.0.0.2]:1", 4, False), ("010.0.0.2:1", 4, False),
 ])
 def test_dnat_destination_is_validated(dest, family, ok):

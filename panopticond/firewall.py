@@ -262,6 +262,17 @@ def borrow(lent: dict[int, tuple[int, Any]]) -> None:
         _warm[family] = [(Borrowed(pid), conn)]
 
 
+def end_warm(proc: Any, conn: Any) -> None:
+    """End a warm child `spawn_warm` made (EOF first, then a kill if it lingers)."""
+    _end(proc, conn)
+
+
+def all_borrowed_back() -> bool:
+    """Whether this process again holds a warm child of each family, ready for a job:
+    none was left mid-job or discarded after a failure (see `borrow`)."""
+    return all(_warm.get(fam) for fam in (4, 6))
+
+
 def forget_borrowed() -> None:
     """Drop this process's handles on borrowed children without ending them."""
     for pool in _warm.values():

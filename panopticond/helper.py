@@ -67,7 +67,19 @@ def preload() -> None:
     import mitmproxy.proxy.mode_servers  # noqa: F401
 
 
-class WorkerPool:
+class _Chore:
+    """Work the helper does when idle, at `due` (monotonic time; None: nothing to do)."""
+
+    due: float | None = None
+
+    def timeout(self) -> float | None:
+        return None if self.due is None else max(0.0, self.due - time.monotonic())
+
+    def is_due(self) -> bool:
+        return self.due is not None and time.monotonic() >= self.due
+
+
+class WorkerPool(_Chore):
     """Warm python-iptables workers, lent a pair ({4: ..., 6: ...}) per jail process."""
 
     def __init__(self, spare_delay: float = SPARE_DELAY, max_pairs: int = MAX_PAIRS):
@@ -111,11 +123,8 @@ class WorkerPool:
             out += [conn.fileno() for _, conn in p.values() if conn.fileno() not in mine]
         return out
 
-    def timeout(self) -> float | None:
-        return None if self.due is None else max(0.0, self.due - time.monotonic())
-
     def tick(self) -> None:
-        if self.due is None or time.monotonic() < self.due:
+        if not self.is_due():
             return
         self.due = None
         if not self.free and len(self.free) + len(self.lent) < self.max_pairs:
@@ -133,10 +142,10 @@ class WorkerPool:
 
     def _end(self, pair: dict[int, tuple[Any, Any]]) -> None:
         for proc, conn in pair.values():
-            self._fw._end(proc, conn)
+            self._fw.end_warm(proc, conn)
 
 
-class CAStock:
+class CAStock(_Chore):
     """The next ephemeral CAs, made while the helper is idle (an RSA key: 50-150 ms of
     CPU, which would otherwise be the forked proxy's, on the start's critical path).
     Two are kept, so that runs back to back find one; each serves one jail only."""
@@ -152,11 +161,8 @@ class CAStock:
         self.due = time.monotonic() + self.delay  # not while the jail just asked starts
         return spare
 
-    def timeout(self) -> float | None:
-        return None if self.due is None else max(0.0, self.due - time.monotonic())
-
     def tick(self) -> None:
-        if self.due is None or time.monotonic() < self.due:
+        if not self.is_due():
             return
         from . import ca
 
@@ -383,7 +389,7 @@ def _jail_process(conn: socket.socket, pair, spare_ca, close_fds: list[int],
                 inst.stop()
             _send_quietly(conn, {"error": {"message": e.message, "hint": e.hint,
                                            "status": int(e.status)}})
-            return 0 if pair is None or _workers_clean(firewall) else 1
+            return 0 if pair is None or firewall.all_borrowed_back() else 1
         conn.settimeout(None)
         proto.send(conn, {"ready": ready})
         # The jail lives as long as the client says so, or as long as it lives.
@@ -419,19 +425,13 @@ def _jail_process(conn: socket.socket, pair, spare_ca, close_fds: list[int],
                                        "hint": hint, "status": int(ExitStatus.ERROR)}})
         return 1
     _send_quietly(conn, {"stopped": {}})
-    clean = not stop_requested and (pair is None or _workers_clean(firewall))
+    clean = not stop_requested and (pair is None or firewall.all_borrowed_back())
     firewall.forget_borrowed()
     return 0 if clean else 1
 
 
 class _Stop(Exception):
     pass
-
-
-def _workers_clean(firewall) -> bool:
-    """Whether every borrowed worker is back in this process's pool (none was left
-    mid-job or discarded)."""
-    return all(firewall._warm.get(fam) for fam in (4, 6))
 
 
 def _send_quietly(conn: socket.socket, msg: dict) -> None:

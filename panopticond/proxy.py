@@ -134,8 +134,6 @@ def _fork_proxy(opts_path: str, ready_w: int, err, env: dict[str, str], netns: s
     a child of a process whose mitmproxy_rs runtime had started hangs in its first UDP
     listener (the helper never starts one: it only imports).
     """
-    from . import proxy_main  # imported by the helper long before; a no-op here
-
     if threading.active_count() != 1:
         raise PanopticonError("refusing to fork the proxy from a process with threads",
                               hint="this is a bug in panopticon: report it")

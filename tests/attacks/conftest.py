@@ -46,7 +46,7 @@ from attacklib import (BAD_TARGETS, CDN, CDN_ALLOWED, CDN_SITES, PINNED, REBIND,
 
 MAIN_ALLOW = [WWW, jail.V4_ONLY[0], jail.V6_ONLY[0], CDN_ALLOWED, "*.wild.example",
               "*.pinned.example"]
-MAIN_EXTRA = f"""passthrough = ["*.pinned.example"]
+MAIN_EXTRA = """passthrough = ["*.pinned.example"]
 """
 MAIN_UPLOAD_RULE = f'{{ host = "{UPLOAD[0]}", methods = ["GET"], paths = ["/public/*"] }}'
 

@@ -138,7 +138,7 @@ def test_header_url_and_body_are_swapped_for_the_bound_host_and_put_back(jail):
                                           "content-type": "application/json"}, body)
     sent = jail.run(f)
     assert sent.headers["authorization"] == f"Bearer {REAL}"
-    assert sent.path == f"/v1/real%2FValue%2B0123456789%3DabcdefXYZ?key=" \
+    assert sent.path == "/v1/real%2FValue%2B0123456789%3DabcdefXYZ?key=" \
                         "real%2FValue%2B0123456789%3DabcdefXYZ"
     assert json.loads(sent.content) == {"key": REAL, "n": 1}
     assert sent.headers["content-length"] == str(len(sent.raw_content))

@@ -48,6 +48,19 @@ class AgentUser:
     shell: str
 
 
+# What `resolve_user` and `build_env` read of the caller's environment.
+CALLER_ENV = ("SUDO_UID", "SUDO_GID")
+
+
+def caller_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of the caller's environment that the jail needs: what the agent may
+    inherit (`build_env`) and who called sudo (`resolve_user`). The rest (the caller's
+    tokens, say) never reaches the resident helper, whose proxy is forked with the
+    memory of the process that built the jail."""
+    return {k: v for k, v in environ.items()
+            if k in PASS_ENV or k.startswith(PASS_ENV_PREFIX) or k in CALLER_ENV}
+
+
 def resolve_user(
     explicit: str | None,
     environ: Mapping[str, str],

@@ -77,9 +77,15 @@ def _run_request(args: argparse.Namespace):
         config=os.path.abspath(args.config) if args.config else None,
         agent=args.agent, allow=tuple(args.allow), deny=tuple(args.deny), mode=args.mode,
         user=args.user, log=os.path.abspath(args.log) if args.log else None,
-        command=tuple(cmd), env=_parse_env(args.env), environ=dict(os.environ),
+        command=tuple(cmd), env=_parse_env(args.env), environ=_caller_env(),
         verbose=args.verbose, pid=os.getpid(),
     )
+
+
+def _caller_env() -> dict[str, str]:
+    from .agent import caller_env
+
+    return caller_env(os.environ)
 
 
 def _run_cold(req) -> int:

@@ -53,7 +53,7 @@ class RunRequest:
     log: str | None
     command: tuple[str, ...]
     env: dict[str, str]  # --env, resolved
-    environ: dict[str, str]  # the caller's whole environment (SUDO_USER, PATH, ...)
+    environ: dict[str, str]  # what the jail needs of the caller's (agent.caller_env)
     verbose: int = 0
     pid: int = 0  # the caller's: an ad-hoc run is named run-PID
 

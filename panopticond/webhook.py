@@ -285,9 +285,7 @@ class Monitor:
         self.events = set(webhook.events) if webhook else set(WEBHOOK_EVENTS)
         self.poll_interval = poll
         self.sender = sender
-        if self.sender is None and webhook is not None:
-            secret = read_secret(webhook.secret_file) if webhook.secret_file else None
-            self.sender = Sender(webhook.url, instance=instance, secret=secret)
+        self._webhook = webhook  # its sender is made at start (below)
         self.log_status: dict[str, Any] | None = None
         self._follower: logread.Follower | None = None
         self._status_mtime: int | None = None
@@ -296,6 +294,12 @@ class Monitor:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        # The signing secret is read only now: Instance starts the monitor after the
+        # proxy is launched, and a proxy forked by the resident helper must not hold it.
+        if self.sender is None and self._webhook is not None:
+            w = self._webhook
+            secret = read_secret(w.secret_file) if w.secret_file else None
+            self.sender = Sender(w.url, instance=self.instance, secret=secret)
         self._follower = logread.Follower(self.log_path)
         if self.sender is not None:
             self.sender.start()

@@ -9,6 +9,7 @@ proxy must not inherit from a root process.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -298,3 +299,58 @@ def test_runs_at_the_same_time_each_get_their_own_jail(lab, work, resident_helpe
     for i in range(3):
         assert lab.events(since=mark, path=f"/together-{i}")
     assert "ended with status" not in via.log(), via.log()[-3000:]
+
+
+def _memory_holds(pid: int, needles: list[bytes]) -> dict[bytes, bool]:
+    """Which of `needles` occur in the process's writable memory (root reads it)."""
+    found = dict.fromkeys(needles, False)
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addr, perms = line.split()[:2]
+            if "r" not in perms or "w" not in perms:
+                continue
+            start, end = (int(x, 16) for x in addr.split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            for n in needles:
+                found[n] = found[n] or n in chunk
+    return found
+
+
+@pytest.mark.parametrize("variant", ["cold", "helper"])
+def test_the_proxy_holds_nothing_of_roots_that_it_does_not_need(lab, work, resident_helper,
+                                                                variant):
+    """A proxy forked by the helper starts with the memory of the process that built the
+    jail: the caller's environment (beyond what the agent gets anyway) and the webhook's
+    signing key must never have been there. Checked by reading the proxy's memory; the
+    control is a string the proxy must hold (its instance's options path)."""
+    canary_env = "pnt" + secrets.token_hex(8)
+    canary_key = "pnt" + secrets.token_hex(16)
+    key = work.write(f"webhook-{variant}.key", canary_key + "\n", mode=0o600)
+    os.chown(key, 0, 0)
+    config = work.write(f"mem-{variant}.toml", jail.config_text(lab) + (
+        '[webhook]\nurl = "https://www.allowed.example/hook"\n'
+        f'secret_file = "{key}"\n'))
+    jail.HELPER = resident_helper.socket if variant == "helper" else "off"
+    try:
+        p = subprocess.Popen(jail.run_argv(lab, config, ["sleep", "30"]),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True,
+                             env={**os.environ, "PNT_CALLER_TOKEN": canary_env})
+    finally:
+        jail.HELPER = "off"
+    name = jail.instance_of(p.pid)
+    try:
+        jail.wait_ready(name, p)
+        proxy = _the_proxy(name)
+        control = f"/run/panopticon/{name}/".encode()
+        found = _memory_holds(proxy, [canary_env.encode(), canary_key.encode(), control])
+    finally:
+        jail.kill_group(p, signal.SIGTERM)
+        p.communicate(timeout=30)
+    assert found[control], "the scan found nothing it should: it proves nothing"
+    assert not found[canary_env.encode()], "the caller's environment is in the proxy"
+    assert not found[canary_key.encode()], "the webhook's signing key is in the proxy"

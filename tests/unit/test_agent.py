@@ -293,3 +293,11 @@ def test_launch_without_a_command():
     with pytest.raises(PanopticonError) as info:
         agent.launch("panopticon-pnt-none", USER, [], {})
     assert info.value.status == ExitStatus.USAGE
+
+
+def test_the_callers_environment_is_cut_to_what_the_jail_needs():
+    env = {"PATH": "/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "TERM": "xterm",
+           "SUDO_UID": "1000", "SUDO_GID": "1000", "SUDO_USER": "alice",
+           "AWS_SECRET_ACCESS_KEY": "x", "GITHUB_TOKEN": "y", "SSH_AUTH_SOCK": "/tmp/s"}
+    assert agent.caller_env(env) == {"PATH": "/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C",
+                                     "TERM": "xterm", "SUDO_UID": "1000", "SUDO_GID": "1000"}

@@ -29,12 +29,35 @@ def _require_root() -> None:
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The session's lab; what a killed earlier run left is removed first."""
     cleanup_stale()
+    before = _jails()
     the_lab = Lab.create()
     request.config.stash[_LAB_TIMINGS] = the_lab.timings
     try:
         yield the_lab
     finally:
+        # The safety net: a jail that a failed test left (a run killed on purpose
+        # leaves its jail) goes with the lab, its host rules included. Without --force:
+        # `cleanup` leaves alone a jail whose owner still runs (not one of ours).
+        _remove_jails(the_lab, _jails() - before)
         the_lab.close()
+
+
+def _jails() -> set[str]:
+    try:
+        return set(os.listdir("/run/panopticon"))
+    except FileNotFoundError:
+        return set()
+
+
+def _remove_jails(the_lab: Lab, names: set[str]) -> None:
+    import subprocess
+
+    import jailrun
+
+    for name in sorted(names):
+        if os.path.isdir(f"/run/panopticon/{name}"):
+            subprocess.run(the_lab.in_host([*jailrun.PANOPTICON_ARGV, "cleanup", name]),
+                           capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="session")

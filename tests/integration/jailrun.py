@@ -82,9 +82,11 @@ HELPER = "off"
 
 
 def run_argv(lab: Lab, config: Path, cmd: Sequence[str], *opts: str,
-             user: str | None = AGENT_USER, log: Path | None = None) -> list[str]:
-    argv = ["env", f"PANOPTICON_HELPER={HELPER}", *PANOPTICON_ARGV, "run", "--config",
-            str(config)]
+             user: str | None = AGENT_USER, log: Path | None = None,
+             helper: str | None = None) -> list[str]:
+    """`helper`: the resident helper's socket for this run, or "off"; default `HELPER`."""
+    argv = ["env", f"PANOPTICON_HELPER={helper or HELPER}", *PANOPTICON_ARGV, "run",
+            "--config", str(config)]
     if user:
         argv += ["--user", user]
     if log:
@@ -96,6 +98,18 @@ def run(lab: Lab, config: Path, cmd: Sequence[str], *opts: str, timeout: float =
         **kw) -> subprocess.CompletedProcess:
     return subprocess.run(run_argv(lab, config, cmd, *opts, **kw), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_argv_via(helper: str, lab: Lab, config: Path, cmd: Sequence[str], *opts: str,
+                 **kw) -> list[str]:
+    """`run_argv` through the resident helper at `helper` (or "off": the cold path)."""
+    return run_argv(lab, config, cmd, *opts, helper=helper, **kw)
+
+
+def run_via(helper: str, lab: Lab, config: Path, cmd: Sequence[str], *opts: str,
+            **kw) -> subprocess.CompletedProcess:
+    """`run` through the resident helper at `helper` (or "off": the cold path)."""
+    return run(lab, config, cmd, *opts, helper=helper, **kw)
 
 
 def instance_of(pid: int) -> str:

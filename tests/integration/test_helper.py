@@ -67,20 +67,14 @@ def test_a_run_through_the_helper_uses_its_warm_workers(lab, work, via, mark):
 
 
 def test_without_a_helper_run_takes_the_cold_path(lab, work, resident_helper, mark):
-    jail.HELPER = str(Path(resident_helper.socket).with_name("nobody-listens.sock"))
-    try:
-        p = jail.run(lab, work.path / "config.toml", _curl(f"https://{V4_ONLY[0]}/cold"), "-v")
-    finally:
-        jail.HELPER = "off"
+    nobody = str(Path(resident_helper.socket).with_name("nobody-listens.sock"))
+    p = jail.run_via(nobody, lab, work.path / "config.toml", _curl(f"https://{V4_ONLY[0]}/cold"),
+                     "-v")
     assert p.returncode == 0 and p.stdout == "200", p.stderr
     assert "no resident helper at" in p.stderr and "(resident helper)" not in p.stderr
     # --no-helper: the cold path even with the helper there.
-    jail.HELPER = resident_helper.socket
-    try:
-        q = jail.run(lab, work.path / "config.toml", _curl(f"https://{V4_ONLY[0]}/no-helper"),
-                     "-v", "--no-helper")
-    finally:
-        jail.HELPER = "off"
+    q = jail.run_via(resident_helper.socket, lab, work.path / "config.toml",
+                     _curl(f"https://{V4_ONLY[0]}/no-helper"), "-v", "--no-helper")
     assert q.returncode == 0 and q.stdout == "200", q.stderr
     assert "(resident helper)" not in q.stderr and "ready in" in q.stderr
     assert lab.events(since=mark, path="/cold") and lab.events(since=mark, path="/no-helper")
@@ -123,13 +117,11 @@ def test_the_proxy_made_ahead_is_the_proxy_user_alone_with_its_ca_key(
     """A proxy that imported mitmproxy as root before its jail existed (the cold path's
     prestarted one, or forked from the helper): once running, it is the proxy user
     alone, and the ephemeral CA's key, made ahead, is its own."""
-    jail.HELPER = resident_helper.socket if variant == "helper" else "off"
-    try:
-        p = subprocess.Popen(jail.run_argv(lab, work.path / "config.toml", ["sleep", "30"]),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    finally:
-        jail.HELPER = "off"
+    helper = resident_helper.socket if variant == "helper" else "off"
+    p = subprocess.Popen(jail.run_argv_via(helper, lab, work.path / "config.toml",
+                                           ["sleep", "30"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     name = jail.instance_of(p.pid)
     try:
         jail.wait_ready(name, p)
@@ -250,15 +242,12 @@ def test_only_root_may_connect(lab, resident_helper):
 
 def test_jails_outlive_a_stopped_helper(lab, work, mark):
     with jail.ResidentHelper(lab) as own:
-        jail.HELPER = own.socket
-        try:
-            p = subprocess.Popen(
-                jail.run_argv(lab, work.path / "config.toml",
-                              ["sh", "-c", f"sleep 2; {' '.join(_curl(f'https://{V4_ONLY[0]}/after-helper-stop'))}"]),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                start_new_session=True)
-        finally:
-            jail.HELPER = "off"
+        curl = " ".join(_curl(f"https://{V4_ONLY[0]}/after-helper-stop"))
+        p = subprocess.Popen(
+            jail.run_argv_via(own.socket, lab, work.path / "config.toml",
+                              ["sh", "-c", f"sleep 2; {curl}"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
         name = jail.instance_of(p.pid)
         try:
             jail.wait_ready(name, p)
@@ -284,14 +273,11 @@ def test_runs_at_the_same_time_each_get_their_own_jail(lab, work, resident_helpe
     without a warm pair start fresh workers, and every run gets its jail, its answer and
     nothing of the others'."""
     via = resident_helper
-    jail.HELPER = via.socket if variant == "helper" else "off"
-    try:
-        procs = [subprocess.Popen(jail.run_argv(lab, work.path / "config.toml",
+    helper = via.socket if variant == "helper" else "off"
+    procs = [subprocess.Popen(jail.run_argv_via(helper, lab, work.path / "config.toml",
                                                 _curl(f"https://{V4_ONLY[0]}/together-{i}")),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(3)]
-    finally:
-        jail.HELPER = "off"
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
     results = [(p.pid, *p.communicate(timeout=120), p.returncode) for p in procs]
     for pid, out, err, rc in results:
         assert rc == 0 and out == "200", err
@@ -334,14 +320,11 @@ def test_the_proxy_holds_nothing_of_roots_that_it_does_not_need(lab, work, resid
     config = work.write(f"mem-{variant}.toml", jail.config_text(lab) + (
         '[webhook]\nurl = "https://www.allowed.example/hook"\n'
         f'secret_file = "{key}"\n'))
-    jail.HELPER = resident_helper.socket if variant == "helper" else "off"
-    try:
-        p = subprocess.Popen(jail.run_argv(lab, config, ["sleep", "30"]),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True,
-                             env={**os.environ, "PNT_CALLER_TOKEN": canary_env})
-    finally:
-        jail.HELPER = "off"
+    helper = resident_helper.socket if variant == "helper" else "off"
+    p = subprocess.Popen(jail.run_argv_via(helper, lab, config, ["sleep", "30"]),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True,
+                         env={**os.environ, "PNT_CALLER_TOKEN": canary_env})
     name = jail.instance_of(p.pid)
     try:
         jail.wait_ready(name, p)

@@ -97,7 +97,8 @@ def _run_cold(req) -> int:
         from .plan import Names
 
         name = req.agent or f"run-{req.pid}"
-        proxy.prestart(os.path.join(Names.of(name).run_dir, "proxy.json"))
+        proxy.prestart(os.path.join(Names.of(name).run_dir, "proxy.json"),
+                       make_ca=req.agent is None)
     from . import firewall
 
     if os.geteuid() == 0:

@@ -194,12 +194,14 @@ _PRESTART_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
                   "from panopticond.proxy_main import prestarted; prestarted(sys.argv[2:])")
 
 
-def prestart(opts_path: str = "") -> None:
+def prestart(opts_path: str = "", make_ca: bool = False) -> None:
     """Start the cold path's proxy interpreter now: it imports mitmproxy and our addons
     (~0.7 s of CPU) while `run` reads the config and builds the jail, then waits, as
     root, with nothing open but two pipes, until `Proxy.start` tells it where to go;
     only then does it enter the namespace and drop to the proxy user, as the spawned
-    proxy would. It ends if its parent does, or closes the control pipe unused."""
+    proxy would. It ends if its parent does, or closes the control pipe unused.
+    `make_ca`: the run will most likely want an ephemeral CA (an ad-hoc run): make one
+    while waiting, rather than spend ~80 ms on one that a persistent CA makes useless."""
     if _prestarted:
         return
     root = package_root()
@@ -209,7 +211,7 @@ def prestart(opts_path: str = "") -> None:
         proc = subprocess.Popen(
             # `opts_path`, where its options will be, only names its jail for `ps`.
             [sys.executable, "-I", "-c", _PRESTART_BOOT, root, str(ctl_r), str(ready_w),
-             opts_path],
+             "ca" if make_ca else "-", opts_path],
             stdin=subprocess.DEVNULL, pass_fds=(ctl_r, ready_w), cwd="/",
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
             preexec_fn=_die_with_parent)

@@ -174,9 +174,9 @@ def prestarted(argv: list[str]) -> None:  # pragma: no cover - the prestarted ch
     from panopticond import ca
     from panopticond.proxy import _become_proxy
 
-    # Most runs of the cold path are ad-hoc, with an ephemeral CA: its RSA key (50-150 ms)
-    # is made now, in memory, and written only as the proxy user, into its own confdir.
-    fresh = ca.new_ephemeral()
+    # An ad-hoc run's CA is ephemeral: its RSA key (50-150 ms) is made now, in memory,
+    # and written only as the proxy user, into its own confdir.
+    fresh = ca.new_ephemeral() if argv[2] == "ca" else None
     with os.fdopen(ctl_r, "rb") as ctl:
         line = ctl.readline()
     if not line:
@@ -187,7 +187,7 @@ def prestarted(argv: list[str]) -> None:  # pragma: no cover - the prestarted ch
 
     def write_ca() -> None:
         confdir = go["fresh_ca"]
-        if confdir and not os.path.exists(os.path.join(confdir, ca.CA_KEY_AND_CERT)):
+        if fresh and confdir and not os.path.exists(os.path.join(confdir, ca.CA_KEY_AND_CERT)):
             ca.write_ephemeral(confdir, fresh)
             seed_ca(confdir, fresh.private_key, fresh.certificate)
 
